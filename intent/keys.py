@@ -1,0 +1,52 @@
+"""The key layout, in one place. Keys here are relative to the store's prefix."""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "platypus/"
+
+NODES = "nodes/"
+CLUSTERS = "clusters/"
+REALITY = "reality/"
+AUDIT = "audit/"
+LEASES = "leases/"
+
+
+def node_apps(node: str) -> str:
+    """Prefix listing one node's assignments. The trailing slash keeps ``web1`` from ``web10``."""
+    return f"{NODES}{node}/"
+
+
+def node_app(node: str, app: str) -> str:
+    return f"{NODES}{node}/{app}"
+
+
+def app_clusters(app: str) -> str:
+    return f"{CLUSTERS}{app}/"
+
+
+def config(app: str, cluster: str) -> str:
+    return f"{CLUSTERS}{app}/{cluster}/config"
+
+
+def deploy_config(app: str, cluster: str) -> str:
+    return f"{CLUSTERS}{app}/{cluster}/deploy_config"
+
+
+def reality(node: str, agent: str, app: str) -> str:
+    return f"{REALITY}{node}/{agent}/{app}"
+
+
+def audit_prefix(app: str) -> str:
+    return f"{AUDIT}{app}/"
+
+
+def audit(app: str, record_id: str) -> str:
+    return f"{AUDIT}{app}/{record_id}"
+
+
+def lease(resource: str) -> str:
+    return f"{LEASES}{resource}/"
+
+
+def last_segment(key: str) -> str:
+    return key.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,233 @@
+"""The intent model: what operators write and what agents report.
+
+Validation lives here and only here, so the CLI, every agent and the docs agree
+on what a valid intent is. Models forbid unknown fields: a misspelt field name
+(the original platypus silently ignored ``min_node``) is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _no_dotdot(value: str) -> str:
+    if ".." in value:
+        raise ValueError("must not contain '..'")
+    return value
+
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN), AfterValidator(_no_dotdot)]
+"""App, cluster, node, version and port names: safe in a key, a path and a shell."""
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Sha256 = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VersionSpec(_Strict):
+    state: Literal["active", "prep"]
+    sha256: Sha256
+    url: str | None = Field(default=None, min_length=1)
+
+
+class AppConfig(_Strict):
+    """``clusters/<app>/<cluster>/config``: written by the app's owners."""
+
+    versions: dict[Name, VersionSpec] = Field(default_factory=dict)
+    min_nodes: int = Field(default=0, ge=0)
+    user_config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_active(self) -> AppConfig:
+        active = [v for v, spec in self.versions.items() if spec.state == "active"]
+        if len(active) > 1:
+            raise ValueError(f"versions: only one may be active, found {', '.join(sorted(active))}")
+        return self
+
+    @property
+    def active_version(self) -> str | None:
+        """The version that should run, or None when the app is stopped."""
+        return next((v for v, s in self.versions.items() if s.state == "active"), None)
+
+
+class PortSpec(_Strict):
+    name: Name
+    port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+    public_port: Port | None = None
+
+
+class HealthCheck(_Strict):
+    type: Literal["http", "tcp", "exec"]
+    port: Port | None = None
+    path: str = "/health"
+    timeout_s: float = Field(default=2.0, gt=0)
+    interval_s: float = Field(default=1.0, gt=0)
+    healthy_threshold: int = Field(default=3, ge=1)
+    unhealthy_threshold: int = Field(default=3, ge=1)
+    deadline_s: float = Field(default=60.0, gt=0)
+    min_uptime_s: float = Field(default=2.0, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+
+class ClassicElb(_Strict):
+    type: Literal["classic"]
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{1,32}$")]
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,32}$")]
+    role_arn: str | None = None
+
+
+class TargetGroup(_Strict):
+    type: Literal["target_group"]
+    arn: Annotated[str, StringConstraints(pattern=r"^arn:[^\s]+$")]
+    port: Port
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,32}$")]
+    role_arn: str | None = None
+
+
+LoadBalancer = Annotated[ClassicElb | TargetGroup, Field(discriminator="type")]
+
+
+class DeployConfig(_Strict):
+    """``clusters/<app>/<cluster>/deploy_config``: the privileged half.
+
+    It decides paths, users and ports, so the platform team owns it and app
+    owners should not be granted write access to it (see docs/operations.md).
+    """
+
+    basedir: str
+    run_as: Annotated[str, StringConstraints(pattern=_USER_PATTERN)] = "nobody"
+    ports: list[PortSpec] = Field(default_factory=list)
+    health_check: HealthCheck | None = None
+    env: dict[Annotated[str, StringConstraints(pattern=_ENV_NAME_PATTERN)], str] = Field(
+        default_factory=dict
+    )
+    elb: list[LoadBalancer] = Field(default_factory=list)
+
+    @field_validator("basedir")
+    @classmethod
+    def _basedir_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        if value == "/" or posixpath.normpath(value) != value.rstrip("/") or ".." in value:
+            raise ValueError("must be a normalised absolute path other than '/'")
+        return value.rstrip("/")
+
+    @field_validator("elb", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> DeployConfig:
+        _reject_duplicates("ports: name", [p.name for p in self.ports])
+        _reject_duplicates("ports: port", [f"{p.port}/{p.protocol}" for p in self.ports])
+        _reject_duplicates(
+            "ports: public_port",
+            [f"{p.public_port}/{p.protocol}" for p in self.ports if p.public_port is not None],
+        )
+        return self
+
+
+def _reject_duplicates(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value} appears more than once")
+        seen.add(value)
+
+
+class NodeAssignment(_Strict):
+    """``nodes/<node>/<app>``: which cluster of the app this node runs."""
+
+    cluster: Name
+
+
+Status = Literal["converged", "converging", "error"]
+
+
+class Reality(BaseModel):
+    """``reality/<node>/<agent>/<app>``: what one agent saw and did."""
+
+    model_config = ConfigDict(extra="allow")
+
+    node: str
+    agent: str
+    app: str
+    status: Status
+    version: str | None = None
+    error: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    updated_at: float = Field(default_factory=time.time)
+    since: float = Field(default_factory=time.time)
+    """When the status last changed: 'error for 3 h' differs from 'error for 3 s'."""
+
+
+class AuditRecord(BaseModel):
+    """``audit/<app>/<id>``: one change made through the ``pp`` CLI."""
+
+    app: str
+    key: str
+    action: str
+    actor: str
+    at: float = Field(default_factory=time.time)
+    old: Any = None
+    new: Any = None
+
+
+class IntentError(ValueError):
+    """Intent that cannot be used; the message is one line naming what to fix."""
+
+
+def describe(error: ValidationError) -> str:
+    """Turn pydantic's multi-line report into one line an operator can act on."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "value"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse(model: type[M], raw: bytes | str | dict[str, Any], key: str) -> M:
+    """Parse one stored value, raising IntentError naming the key on failure."""
+    try:
+        data = json.loads(raw) if isinstance(raw, bytes | str) else raw
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntentError(f"{key}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(data, dict):
+        raise IntentError(f"{key}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise IntentError(f"{key}: {describe(exc)}") from None

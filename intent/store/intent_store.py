@@ -1,0 +1,218 @@
+"""The intent store in domain terms: apps for a node, an app's config, reality, audit.
+
+Agents and the CLI speak to this class only. It knows the key layout and the
+model; the backend below it knows only bytes, versions and prefixes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from intent import keys
+from intent.model import (
+    AppConfig,
+    AuditRecord,
+    DeployConfig,
+    IntentError,
+    NodeAssignment,
+    Reality,
+    parse,
+)
+from intent.store.kv import KVStore, WatchToken
+
+T = TypeVar("T")
+
+REALITY_HEARTBEAT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    value: T
+    version: int
+
+
+@dataclass(frozen=True)
+class AppIntent:
+    """Everything an agent needs to converge one app on one node.
+
+    When ``error`` is set the intent for this app is unusable as stored; agents
+    then hold the last valid intent they saw and report the error.
+    """
+
+    app: str
+    cluster: str | None = None
+    config: AppConfig | None = None
+    deploy: DeployConfig | None = None
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None and self.config is not None and self.deploy is not None
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+class IntentStore:
+    def __init__(self, kv: KVStore, prefix: str = keys.DEFAULT_PREFIX) -> None:
+        self.kv = kv
+        self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    # -- raw JSON values, for the CLI's read-modify-write cycles -------------------------
+
+    def get_raw(self, key: str) -> Versioned[bytes] | None:
+        entry = self.kv.get(self._k(key))
+        return Versioned(entry.value, entry.version) if entry else None
+
+    def put_json(self, key: str, value: Any, expect: int | None = None) -> bool:
+        return self.kv.put(self._k(key), encode(value), expect)
+
+    def delete(self, key: str, expect: int | None = None) -> bool:
+        return self.kv.delete(self._k(key), expect)
+
+    # -- intent ---------------------------------------------------------------------------
+
+    def assignments(self, node: str) -> dict[str, Versioned[bytes]]:
+        """The raw ``nodes/<node>/<app>`` values, keyed by app."""
+        prefix = self._k(keys.node_apps(node))
+        return {
+            e.key[len(prefix) :]: Versioned(e.value, e.version)
+            for e in self.kv.list(prefix)
+            if "/" not in e.key[len(prefix) :]
+        }
+
+    def apps_for_node(self, node: str) -> list[AppIntent]:
+        """Every app assigned to ``node``, each parsed on its own so one bad app
+        never hides the others."""
+        intents = []
+        for app, raw in sorted(self.assignments(node).items()):
+            key = keys.node_app(node, app)
+            try:
+                assignment = parse(NodeAssignment, raw.value, key)
+            except IntentError as exc:
+                intents.append(AppIntent(app=app, error=str(exc)))
+                continue
+            intents.append(self.app_intent(app, assignment.cluster))
+        return intents
+
+    def app_intent(self, app: str, cluster: str) -> AppIntent:
+        errors = []
+        config = deploy = None
+        config_raw = self.get_raw(keys.config(app, cluster))
+        deploy_raw = self.get_raw(keys.deploy_config(app, cluster))
+        if config_raw is None:
+            errors.append(f"{keys.config(app, cluster)}: missing")
+        else:
+            try:
+                config = parse(AppConfig, config_raw.value, keys.config(app, cluster))
+            except IntentError as exc:
+                errors.append(str(exc))
+        if deploy_raw is None:
+            errors.append(f"{keys.deploy_config(app, cluster)}: missing")
+        else:
+            try:
+                deploy = parse(DeployConfig, deploy_raw.value, keys.deploy_config(app, cluster))
+            except IntentError as exc:
+                errors.append(str(exc))
+        return AppIntent(app, cluster, config, deploy, "; ".join(errors) or None)
+
+    def clusters_of(self, app: str) -> list[str]:
+        prefix = self._k(keys.app_clusters(app))
+        return sorted({e.key[len(prefix) :].split("/", 1)[0] for e in self.kv.list(prefix)})
+
+    def nodes_of(self, app: str) -> dict[str, str]:
+        """``{node: cluster}`` for every node the app is assigned to (raw cluster text
+        when the assignment is invalid, so operators can still see and fix it)."""
+        prefix = self._k(keys.NODES)
+        nodes = {}
+        for entry in self.kv.list(prefix):
+            node, _, name = entry.key[len(prefix) :].partition("/")
+            if name != app:
+                continue
+            try:
+                nodes[node] = parse(NodeAssignment, entry.value, entry.key).cluster
+            except IntentError:
+                nodes[node] = "<invalid>"
+        return nodes
+
+    def watch_node(self, node: str, token: WatchToken | None, timeout: float) -> WatchToken:
+        """Block until this node's assignments or any cluster's intent changed."""
+        return self.kv.wait([self._k(keys.node_apps(node)), self._k(keys.CLUSTERS)], token, timeout)
+
+    # -- reality --------------------------------------------------------------------------
+
+    def write_reality(self, report: Reality) -> None:
+        """Record what an agent saw; keeps ``since`` while the status is unchanged.
+
+        A report that repeats the last one is written only as a heartbeat every
+        ``REALITY_HEARTBEAT_S``, so idle agents do not churn the store, yet
+        ``pp status`` can still tell a live agent from a dead one."""
+        key = keys.reality(report.node, report.agent, report.app)
+        previous = self.kv.get(self._k(key))
+        if previous is not None:
+            try:
+                old = Reality.model_validate_json(previous.value)
+            except ValueError:
+                old = None
+            if old is not None and old.status == report.status:
+                report = report.model_copy(update={"since": old.since})
+                fresh = report.updated_at - old.updated_at < REALITY_HEARTBEAT_S
+                if fresh and _same_apart_from_time(old, report):
+                    return
+        self.kv.put(self._k(key), report.model_dump_json().encode())
+
+    def clear_reality(self, node: str, agent: str, app: str) -> None:
+        self.kv.delete(self._k(keys.reality(node, agent, app)))
+
+    def reality(self, node: str | None = None, app: str | None = None) -> list[Reality]:
+        prefix = self._k(keys.REALITY + (f"{node}/" if node else ""))
+        reports = []
+        for entry in self.kv.list(prefix):
+            try:
+                report = Reality.model_validate_json(entry.value)
+            except ValueError:
+                continue
+            if app is None or report.app == app:
+                reports.append(report)
+        return reports
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def record_audit(self, record: AuditRecord) -> None:
+        # A time-ordered id keeps `pp history` sorted by a plain key listing.
+        record_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self.kv.put(self._k(keys.audit(record.app, record_id)), record.model_dump_json().encode())
+
+    def history(self, app: str) -> list[AuditRecord]:
+        return [
+            AuditRecord.model_validate_json(e.value)
+            for e in self.kv.list(self._k(keys.audit_prefix(app)))
+        ]
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+        return self.kv.acquire_slot(self._k(keys.lease(resource)), holder, limit, ttl_s)
+
+    def release_lease(self, resource: str, holder: str) -> None:
+        self.kv.release_slot(self._k(keys.lease(resource)), holder)
+
+    def lease_holders(self, resource: str) -> Sequence[str]:
+        return self.kv.slot_holders(self._k(keys.lease(resource)))
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+def _same_apart_from_time(old: Reality, new: Reality) -> bool:
+    ignore = {"updated_at"}
+    return old.model_dump(exclude=ignore) == new.model_dump(exclude=ignore)

@@ -1,0 +1,79 @@
+"""The storage contract every backend honours, in the project's own terms.
+
+A backend is a versioned key/value map with compare-and-set, a blocking watch
+and counted leases. Nothing here is Consul's vocabulary: no sessions, no
+ModifyIndex, no ``acquire``. Each backend translates these few operations into
+its own mechanism, and one contract test suite holds them to the same meaning.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+WatchToken = tuple[int, ...]
+"""Opaque progress marker for ``wait``: pass back what the last call returned."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    version: int
+    """Changes on every write of this key; the value ``put(expect=...)`` compares against."""
+
+
+class StoreError(Exception):
+    """A store operation failed for a reason other than the store being away."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now; callers keep what they have and retry."""
+
+
+MUST_NOT_EXIST = 0
+"""Pass as ``expect`` to ``put`` to create a key only if it is absent."""
+
+
+class KVStore(abc.ABC):
+    """A versioned key/value store. Keys are plain strings; prefixes end with '/'."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[Entry]:
+        """Every entry whose key starts with ``prefix``, sorted by key."""
+
+    @abc.abstractmethod
+    def put(self, key: str, value: bytes, expect: int | None = None) -> bool:
+        """Write ``value``. With ``expect``, only if the key's version still equals it
+        (``MUST_NOT_EXIST``: only if absent). Returns False when that check failed."""
+
+    @abc.abstractmethod
+    def delete(self, key: str, expect: int | None = None) -> bool:
+        """Remove ``key`` (absent is fine). With ``expect``, only at that version."""
+
+    @abc.abstractmethod
+    def wait(self, prefixes: Sequence[str], token: WatchToken | None, timeout: float) -> WatchToken:
+        """Block until something under one of ``prefixes`` changed since ``token``, or
+        ``timeout`` seconds passed. ``token=None`` returns the current state at once.
+        Spurious wake-ups are allowed; missed changes are not."""
+
+    @abc.abstractmethod
+    def acquire_slot(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+        """Take (or keep) one of ``limit`` slots on ``resource`` for ``holder``.
+
+        A slot lives ``ttl_s`` seconds unless renewed by calling this again, so a
+        holder that dies releases its slot on its own. Returns False when all the
+        slots are held by others."""
+
+    @abc.abstractmethod
+    def release_slot(self, resource: str, holder: str) -> None: ...
+
+    @abc.abstractmethod
+    def slot_holders(self, resource: str) -> list[str]: ...
+
+    def close(self) -> None:  # noqa: B027 - most backends have nothing to release
+        """Release connections; the store must not be used afterwards."""

@@ -1,0 +1,179 @@
+"""The embedded store: one SQLite file in WAL mode, no server.
+
+Several processes on one host (the CLI and every agent) share the file; SQLite's
+own locking makes each write a transaction. Every write takes the next value of
+one global counter as its version, so versions never repeat, even across a
+delete and re-create, which is what compare-and-set and ``wait`` rely on.
+``wait`` polls, because SQLite has no cross-process notification; a 50 ms
+poll of an indexed ``max()`` keeps wake-ups well inside the 100 ms target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from intent.store.kv import Entry, KVStore, StoreUnavailable, WatchToken
+
+POLL_INTERVAL_S = 0.05
+_PREFIX_END = "\U0010ffff"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (key TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counter (id, value) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS slots (
+    resource TEXT NOT NULL, holder TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (resource, holder)
+);
+"""
+
+
+class SqliteStore(KVStore):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open embedded store {self.path}: {exc}") from None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors():
+            yield self._db
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+
+    @staticmethod
+    def _next_version(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE counter SET value = value + 1 WHERE id = 1")
+        (value,) = db.execute("SELECT value FROM counter WHERE id = 1").fetchone()
+        return int(value)
+
+    def get(self, key: str) -> Entry | None:
+        with self._read() as db:
+            row = db.execute("SELECT value, version FROM kv WHERE key = ?", (key,)).fetchone()
+        return Entry(key, bytes(row[0]), int(row[1])) if row else None
+
+    def list(self, prefix: str) -> list[Entry]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT key, value, version FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, prefix + _PREFIX_END),
+            ).fetchall()
+        return [Entry(k, bytes(v), int(ver)) for k, v, ver in rows]
+
+    def _current_version(self, db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT version FROM kv WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def put(self, key: str, value: bytes, expect: int | None = None) -> bool:
+        with self._write() as db:
+            if expect is not None and self._current_version(db, key) != expect:
+                return False
+            version = self._next_version(db)
+            db.execute(
+                "INSERT INTO kv (key, value, version) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version",
+                (key, value, version),
+            )
+            db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
+        return True
+
+    def delete(self, key: str, expect: int | None = None) -> bool:
+        with self._write() as db:
+            current = self._current_version(db, key)
+            if expect is not None and current != expect:
+                return False
+            if current:
+                db.execute("DELETE FROM kv WHERE key = ?", (key,))
+                db.execute(
+                    "INSERT OR REPLACE INTO tombstones (key, version) VALUES (?, ?)",
+                    (key, self._next_version(db)),
+                )
+        return True
+
+    def _token(self, prefixes: Sequence[str]) -> WatchToken:
+        marks = []
+        with self._read() as db:
+            for prefix in prefixes:
+                bounds = (prefix, prefix + _PREFIX_END)
+                (live,) = db.execute(
+                    "SELECT max(version) FROM kv WHERE key >= ? AND key < ?", bounds
+                ).fetchone()
+                (gone,) = db.execute(
+                    "SELECT max(version) FROM tombstones WHERE key >= ? AND key < ?", bounds
+                ).fetchone()
+                marks.append(max(live or 0, gone or 0))
+        return tuple(marks)
+
+    def wait(self, prefixes: Sequence[str], token: WatchToken | None, timeout: float) -> WatchToken:
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self._token(prefixes)
+            if token is None or current != token or time.monotonic() >= deadline:
+                return current
+            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    def acquire_slot(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+        now = time.time()
+        with self._write() as db:
+            db.execute("DELETE FROM slots WHERE resource = ? AND expires_at <= ?", (resource, now))
+            held = db.execute(
+                "SELECT 1 FROM slots WHERE resource = ? AND holder = ?", (resource, holder)
+            ).fetchone()
+            if not held:
+                (count,) = db.execute(
+                    "SELECT count(*) FROM slots WHERE resource = ?", (resource,)
+                ).fetchone()
+                if count >= limit:
+                    return False
+            db.execute(
+                "INSERT OR REPLACE INTO slots (resource, holder, expires_at) VALUES (?, ?, ?)",
+                (resource, holder, now + ttl_s),
+            )
+        return True
+
+    def release_slot(self, resource: str, holder: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM slots WHERE resource = ? AND holder = ?", (resource, holder))
+
+    def slot_holders(self, resource: str) -> list[str]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT holder FROM slots WHERE resource = ? AND expires_at > ? ORDER BY holder",
+                (resource, time.time()),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

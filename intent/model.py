@@ -223,8 +223,10 @@ def parse(model: type[M], raw: bytes | str | dict[str, Any], key: str) -> M:
     """Parse one stored value, raising IntentError naming the key on failure."""
     try:
         data = json.loads(raw) if isinstance(raw, bytes | str) else raw
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise IntentError(f"{key}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except UnicodeDecodeError:
+        raise IntentError(f"{key}: not valid UTF-8") from None
     if not isinstance(data, dict):
         raise IntentError(f"{key}: expected a JSON object, got {type(data).__name__}")
     try:

@@ -9,6 +9,7 @@ its own mechanism, and one contract test suite holds them to the same meaning.
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class KVStore(abc.ABC):
     def release_slot(self, resource: str, holder: str) -> None: ...
 
     @abc.abstractmethod
-    def slot_holders(self, resource: str) -> list[str]: ...
+    def slot_holders(self, resource: str) -> builtins.list[str]: ...
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release connections; the store must not be used afterwards."""

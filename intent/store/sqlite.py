@@ -10,6 +10,7 @@ poll of an indexed ``max()`` keeps wake-ups well inside the 100 ms target.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import sqlite3
 import threading
@@ -166,7 +167,7 @@ class SqliteStore(KVStore):
         with self._write() as db:
             db.execute("DELETE FROM slots WHERE resource = ? AND holder = ?", (resource, holder))
 
-    def slot_holders(self, resource: str) -> list[str]:
+    def slot_holders(self, resource: str) -> builtins.list[str]:
         with self._read() as db:
             rows = db.execute(
                 "SELECT holder FROM slots WHERE resource = ? AND expires_at > ? ORDER BY holder",

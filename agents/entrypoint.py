@@ -1,0 +1,102 @@
+"""What every agent's command line shares: the common flags and the start-up.
+
+Each agent's ``__main__`` adds its own options with click and calls ``run``.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+import structlog
+
+from agents import logs
+from agents.runtime import Agent, Runtime, RuntimeOptions
+from intent import keys
+from intent.store import IntentStore, StoreError, default_store_url, open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    store: str
+    prefix: str
+    node: str
+    once: bool
+    resync_interval: float
+    log_format: logs.LogFormat
+
+
+def common_options(command: F) -> F:
+    """Add the flags every agent takes; the values arrive as ``common``."""
+    options = [
+        click.option("--store", envvar="PP_STORE", default=default_store_url, show_default=True,
+                     help="Intent store URL: sqlite:///path.db or consul://host:port."),
+        click.option("--prefix", envvar="PP_PREFIX", default=keys.DEFAULT_PREFIX,
+                     show_default=True, help="Key prefix of this deployment's intent."),
+        click.option("--node", envvar="PP_NODE", default=socket.gethostname, show_default=True,
+                     help="This host's name in nodes/<node>/."),
+        click.option("--once", is_flag=True,
+                     help="Converge one pass and exit: 0 when converged, 1 otherwise."),
+        click.option("--resync-interval", type=click.FloatRange(min=1), default=60.0,
+                     show_default=True, help="Seconds between full resyncs (jittered)."),
+        click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
+                     default="auto", show_default=True),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def pop_common(params: dict[str, Any]) -> CommonOptions:
+    return CommonOptions(
+        store=params.pop("store"),
+        prefix=params.pop("prefix"),
+        node=params.pop("node"),
+        once=params.pop("once"),
+        resync_interval=params.pop("resync_interval"),
+        log_format=params.pop("log_format"),
+    )
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {message}", err=True)
+    sys.exit(2)
+
+
+def run(
+    common: CommonOptions,
+    build: Callable[[IntentStore], Agent],
+    max_parallel: int = 1,
+) -> NoReturn:
+    """Open the store, build the agent and run its loop; exit with its code."""
+    logs.configure(common.log_format)
+    try:
+        store = open_store(common.store, common.prefix)
+    except StoreError as exc:
+        fail(str(exc))
+    agent = build(store)
+    runtime = Runtime(
+        agent,
+        store,
+        RuntimeOptions(
+            node=common.node,
+            once=common.once,
+            resync_interval_s=common.resync_interval,
+            max_parallel=max_parallel,
+        ),
+    )
+    runtime.install_signal_handlers()
+    structlog.get_logger().info(
+        "agent.starting", agent=agent.name, node=common.node, store=common.store
+    )
+    try:
+        code = runtime.run()
+    finally:
+        store.close()
+    sys.exit(code)

@@ -141,7 +141,7 @@ class Runtime:
         due = [
             app
             for app, intent in effective.items()
-            if force or self._changed(app, intent) or now >= self._apps[app].next_attempt
+            if force or self._changed(app, intent) or self._retry_due(app, now)
         ]
         outcomes = self._converge_apps({app: effective[app] for app in due})
 
@@ -181,6 +181,11 @@ class Runtime:
         for gone in set(self._apps) - {i.app for i in intents}:
             del self._apps[gone]
         return effective
+
+    def _retry_due(self, app: str, now: float) -> bool:
+        """Converged apps wait for a change or a resync; the others retry on schedule."""
+        next_attempt = self._apps[app].next_attempt
+        return bool(next_attempt) and now >= next_attempt
 
     def _changed(self, app: str, intent: AppIntent) -> bool:
         return self._apps[app].attempted != intent

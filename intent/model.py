@@ -45,7 +45,7 @@ Sha256 = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class VersionSpec(_Strict):

@@ -1,0 +1,274 @@
+"""The shared agent loop, driven with a recording agent over a real embedded store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions
+from intent import keys
+from intent.store import AppIntent, IntentStore, StoreUnavailable
+from intent.store.kv import Entry
+from intent.store.sqlite import SqliteStore
+
+NODE = "web1"
+SHA = "b" * 64
+
+
+class RecordingAgent(Agent):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.converged: list[tuple[str, str | None]] = []
+        self.removed: list[str] = []
+        self.failing: set[str] = set()
+        self.on_host: set[str] = set()
+
+    def converge(self, intent: AppIntent) -> Outcome:
+        assert intent.valid and intent.config is not None
+        version = intent.config.active_version
+        self.converged.append((intent.app, version))
+        if intent.app in self.failing:
+            raise RuntimeError("disk on fire")
+        self.on_host.add(intent.app)
+        return Outcome.converged(version)
+
+    def unmanaged(self, assigned: Collection[str]) -> list[str]:
+        return sorted(self.on_host - set(assigned))
+
+    def remove(self, app: str) -> Outcome:
+        self.removed.append(app)
+        self.on_host.discard(app)
+        return Outcome.converged()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> IntentStore:
+    return IntentStore(SqliteStore(tmp_path / "intent.db"))
+
+
+def put_app(store: IntentStore, app: str, version: str = "1.0", node: str = NODE) -> None:
+    store.put_json(keys.node_app(node, app), {"cluster": "prod"})
+    store.put_json(
+        keys.config(app, "prod"), {"versions": {version: {"state": "active", "sha256": SHA}}}
+    )
+    store.put_json(keys.deploy_config(app, "prod"), {"basedir": f"/srv/{app}"})
+
+
+def runtime(store: IntentStore, agent: Agent, clock: Clock | None = None) -> Runtime:
+    options = RuntimeOptions(node=NODE, backoff_initial_s=1, backoff_max_s=60)
+    return Runtime(agent, store, options, clock=clock or Clock())
+
+
+def status_of(store: IntentStore, app: str) -> tuple[str, str | None, str | None]:
+    (report,) = store.reality(node=NODE, app=app)
+    return report.status, report.version, report.error
+
+
+def test_a_pass_converges_every_assigned_app_and_reports_it(store: IntentStore) -> None:
+    put_app(store, "hello")
+    put_app(store, "echo", "2.0")
+    put_app(store, "other-node-app", node="web10")
+    agent = RecordingAgent()
+    assert runtime(store, agent).run_pass() is True
+    assert sorted(agent.converged) == [("echo", "2.0"), ("hello", "1.0")]
+    assert status_of(store, "hello") == ("converged", "1.0", None)
+
+
+def test_invalid_intent_holds_the_last_good_intent_and_reports_the_error(
+    store: IntentStore,
+) -> None:
+    put_app(store, "hello")
+    put_app(store, "echo")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    store.put_json(keys.config("hello", "prod"), {"versions": {"../evil": {"state": "active"}}})
+
+    assert rt.run_pass(force=True) is False
+
+    assert agent.removed == []
+    assert ("hello", "1.0") in agent.converged[2:]  # still converged to the held version
+    status, version, error = status_of(store, "hello")
+    assert (status, version) == ("error", "1.0")
+    assert error is not None and error.startswith("clusters/hello/prod/config: versions")
+    assert status_of(store, "echo")[0] == "converged"
+
+
+def test_a_deleted_config_is_held_not_treated_as_removal(store: IntentStore) -> None:
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    store.delete(keys.config("hello", "prod"))
+    rt.run_pass(force=True)
+    assert agent.removed == []
+    assert status_of(store, "hello")[2] == "clusters/hello/prod/config: missing"
+
+
+def test_invalid_intent_with_nothing_held_does_nothing_but_report(store: IntentStore) -> None:
+    store.put_json(keys.node_app(NODE, "hello"), {"cluster": "no such/cluster"})
+    agent = RecordingAgent()
+    assert runtime(store, agent).run_pass() is False
+    assert agent.converged == []
+    assert status_of(store, "hello")[0] == "error"
+
+
+def test_one_app_crashing_does_not_block_the_others(store: IntentStore) -> None:
+    put_app(store, "bad")
+    put_app(store, "good")
+    agent = RecordingAgent()
+    agent.failing.add("bad")
+    assert runtime(store, agent).run_pass() is False
+    assert status_of(store, "good") == ("converged", "1.0", None)
+    status, _, error = status_of(store, "bad")
+    assert status == "error" and error is not None and "disk on fire" in error
+
+
+def test_a_failing_app_backs_off_exponentially_up_to_the_cap(store: IntentStore) -> None:
+    put_app(store, "bad")
+    agent = RecordingAgent()
+    agent.failing.add("bad")
+    clock = Clock()
+    rt = runtime(store, agent, clock)
+    rt.run_pass()
+    assert len(agent.converged) == 1
+    rt.run_pass()  # immediately again: still backing off
+    assert len(agent.converged) == 1
+    clock.now += 4  # past the first wait (1 s + up to 1 s jitter)
+    rt.run_pass()
+    assert len(agent.converged) == 2
+    waits = [rt.backoff(n) for n in range(1, 12)]
+    assert waits[0] <= 2 and waits[3] >= 8
+    assert max(waits) <= 60
+
+
+def test_an_intent_change_ends_the_backoff_at_once(store: IntentStore) -> None:
+    put_app(store, "bad")
+    agent = RecordingAgent()
+    agent.failing.add("bad")
+    rt = runtime(store, agent)
+    rt.run_pass()
+    put_app(store, "bad", "1.1")
+    rt.run_pass()
+    assert agent.converged[-1] == ("bad", "1.1")
+
+
+def test_unassigned_apps_are_removed_and_their_reality_cleared(store: IntentStore) -> None:
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    store.delete(keys.node_app(NODE, "hello"))
+    assert rt.run_pass() is True
+    assert agent.removed == ["hello"]
+    assert store.reality(node=NODE) == []
+
+
+class UnreachableKV(SqliteStore):
+    """The embedded store with a switch that makes every call fail as if the
+    network to the store were cut."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("connection refused")
+
+    def list(self, prefix: str) -> list[Entry]:
+        self._check()
+        return super().list(prefix)
+
+    def get(self, key: str) -> Entry | None:
+        self._check()
+        return super().get(key)
+
+    def put(self, key: str, value: bytes, expect: int | None = None) -> bool:
+        self._check()
+        return super().put(key, value, expect)
+
+    def wait(self, prefixes: Sequence[str], token: tuple[int, ...] | None, timeout: float):  # type: ignore[no-untyped-def]
+        self._check()
+        return super().wait(prefixes, token, timeout)
+
+
+def test_a_store_outage_tears_nothing_down_and_is_logged_once(tmp_path: Path) -> None:
+    kv = UnreachableKV(tmp_path / "intent.db")
+    store = IntentStore(kv)
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    kv.down = True
+    with capture_logs() as logs:
+        for _ in range(5):
+            assert rt.run_pass(force=True) is False
+    assert agent.removed == []
+    assert agent.on_host == {"hello"}
+    assert [e["event"] for e in logs].count("store.unreachable") == 1
+    kv.down = False
+    with capture_logs() as logs:
+        assert rt.run_pass(force=True) is True
+    assert [e["event"] for e in logs].count("store.reachable") == 1
+
+
+def test_once_exits_zero_when_converged_and_non_zero_otherwise(store: IntentStore) -> None:
+    put_app(store, "hello")
+    ok = Runtime(RecordingAgent(), store, RuntimeOptions(node=NODE, once=True))
+    assert ok.run() == 0
+    failing = RecordingAgent()
+    failing.failing.add("hello")
+    assert Runtime(failing, store, RuntimeOptions(node=NODE, once=True)).run() == 1
+
+
+def test_the_loop_wakes_on_an_intent_change_and_stops_on_request(store: IntentStore) -> None:
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600))
+    loop = threading.Thread(target=rt.run)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ("hello", "1.0") not in agent.converged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        put_app(store, "hello", "2.0")
+        while ("hello", "2.0") not in agent.converged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ("hello", "2.0") in agent.converged
+    finally:
+        rt.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_resync_request_converges_again_without_an_intent_change(store: IntentStore) -> None:
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600))
+    loop = threading.Thread(target=rt.run)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not agent.converged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        agent.on_host.clear()  # drift made by hand
+        rt.request_resync()
+        while "hello" not in agent.on_host and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "hello" in agent.on_host
+    finally:
+        rt.stop()
+        loop.join(10)

@@ -1,0 +1,444 @@
+"""``pp``: the operator's view of the intent store.
+
+Reads show what is stored and what the agents report; writes go through
+``agents.operator`` (compare-and-set, retried, audited). Every failure an
+operator can cause ends as one ``pp: error: ...`` line on stderr and a
+non-zero exit: 1 for a refused or failed operation, 2 for a malformed command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import click
+import yaml
+
+from agents import cli_render as render
+from agents import operator as op
+from agents.appfile import AppFile, read_app_file
+from agents.schema import intent_schema
+from intent import keys
+from intent.model import IntentError
+from intent.store import IntentStore, StoreError, default_store_url, open_store
+
+
+class PPError(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"pp: error: {render.one_line(self.message)}", err=file is None, file=file)
+
+
+class PPUsageError(PPError):
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (PPError, click.exceptions.NoArgsIsHelpError):
+        raise
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise PPUsageError(exc.format_message() + hint) from None
+    except click.ClickException as exc:
+        raise PPError(exc.format_message()) from None
+    except (IntentError, op.OperatorError, StoreError) as exc:
+        raise PPError(str(exc)) from None
+
+
+class _Group(click.Group):
+    """Turns every error below it into one line, under CliRunner and the real entry point."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@dataclass
+class Env:
+    url: str
+    prefix: str
+    _store: IntentStore | None = field(default=None, repr=False)
+
+    def store(self) -> IntentStore:
+        # Opened on first use so `pp validate` and `pp schema` need no store.
+        if self._store is None:
+            self._store = open_store(self.url, self.prefix)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+pass_env = click.make_pass_decorator(Env)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text."
+)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _warn(message: str) -> None:
+    click.echo(f"pp: warning: {render.one_line(message)}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    envvar="PP_STORE",
+    default=default_store_url,
+    show_default="$PP_STORE, else the embedded store",
+    help="Intent store URL: sqlite:///abs/path.db or consul://host:port.",
+)
+@click.option(
+    "--prefix",
+    envvar="PP_PREFIX",
+    default=keys.DEFAULT_PREFIX,
+    show_default=True,
+    help="Key prefix of this platform's intent in the store.",
+)
+@click.pass_context
+def cli(ctx: click.Context, store: str, prefix: str) -> None:
+    """Operate Platypus: write intent, deploy, roll back, see what agents report.
+
+    Changes are recorded in the audit trail as $PP_ACTOR, or the login user.
+    """
+    env = Env(store, prefix)
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+
+
+# -- intent as files ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    metavar="FILE",
+    help="App file (YAML) to apply; repeat for several apps; '-' reads stdin.",
+)
+@click.option("--dry-run", is_flag=True, help="Show the diff, write nothing.")
+@click.option(
+    "--prune-nodes",
+    is_flag=True,
+    help="Also unassign nodes of a listed cluster that the file no longer lists"
+    " (this stops the app on them).",
+)
+@pass_env
+def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> None:
+    """Validate app files, show the diff against the store, write it.
+
+    Every file is validated before anything is written. Each key is written only
+    if nobody changed it since it was read; otherwise apply stops and asks for a
+    re-run, which shows the new diff.
+    """
+    app_files = [read_app_file(path) for path in files]
+    seen: dict[str, str] = {}
+    for path, app_file in zip(files, app_files, strict=True):
+        if app_file.app in seen:
+            raise PPUsageError(f"{path}: app {app_file.app} is also in {seen[app_file.app]}")
+        seen[app_file.app] = path
+    store = env.store()
+    plans = [(app_file, op.plan_apply(store, app_file, prune_nodes)) for app_file in app_files]
+    for _, plan in plans:
+        for item in plan:
+            click.echo(render.diff(item.key, item.old, item.new), nl=False)
+    who = op.actor()
+    for app_file, plan in plans:
+        if not plan:
+            click.echo(f"{app_file.app}: up to date")
+        elif dry_run:
+            click.echo(
+                f"{app_file.app}: {len(plan)} key(s) would change (dry run, nothing written)"
+            )
+        else:
+            op.execute_apply(store, app_file.app, plan, who)
+            click.echo(f"{app_file.app}: {len(plan)} key(s) written")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+def validate(files: Sequence[str]) -> None:
+    """Check app files without touching the store."""
+    for path in files:
+        app_file = read_app_file(path)
+        click.echo(f"{path}: ok ({_describe(app_file)})")
+
+
+def _describe(app_file: AppFile) -> str:
+    clusters = ", ".join(sorted(app_file.clusters))
+    nodes = sum(len(spec.nodes or []) for spec in app_file.clusters.values())
+    return f"app {app_file.app}; clusters {clusters}; {nodes} node(s)"
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of app files and of every stored value."""
+    click.echo(json.dumps(intent_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("app")
+@json_option
+@pass_env
+def get(env: Env, app: str, as_json: bool) -> None:
+    """Print an app's intent: every cluster's config, deploy_config and nodes.
+
+    The output is an app file, so it can be edited and given back to pp apply.
+    Exits non-zero, naming each key, when any of it is invalid or missing.
+    """
+    op.check_name("app", app)
+    view = op.read_app(env.store(), app)
+    if not view.document["clusters"]:
+        raise PPError(f"no intent for app {app} under prefix {env.prefix!r}")
+    if as_json:
+        _print_json(view.document)
+    else:
+        click.echo(
+            yaml.safe_dump(view.document, sort_keys=False, default_flow_style=False), nl=False
+        )
+    if view.problems:
+        raise PPError("; ".join(view.problems))
+
+
+# -- changes ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("version")
+@click.option("-c", "--cluster", required=True, help="Cluster to deploy to.")
+@click.option("--sha256", required=True, help="SHA-256 of the version's artifact (64 hex digits).")
+@click.option("--url", default=None, help="Where agents fetch the artifact.")
+@pass_env
+def deploy(env: Env, app: str, version: str, cluster: str, sha256: str, url: str | None) -> None:
+    """Make VERSION the active version; the version active until now stays as prep.
+
+    Creates the cluster's config when it has none. Other prep versions are kept.
+    """
+    op.check_name("app", app)
+    op.check_name("cluster", cluster)
+    op.check_name("version", version)
+    store = env.store()
+    key = keys.config(app, cluster)
+    change = op.update(
+        store,
+        key,
+        lambda old: op.dump(op.deployed(op.parse_config(old, key), version, sha256, url, key)),
+        app=app,
+        action="deploy",
+        who=op.actor(),
+    )
+    before = _active(change.old)
+    where = f"{app}/{cluster}"
+    if not change.changed:
+        click.echo(f"{where}: {version} is already active, nothing changed")
+    elif change.old is None:
+        click.echo(f"{where}: {version} is active (config created)")
+    elif before is None or before == version:
+        click.echo(f"{where}: {version} is active")
+    else:
+        click.echo(f"{where}: {version} is active ({before} kept as prep)")
+    if store.get_raw(keys.deploy_config(app, cluster)) is None:
+        _warn(
+            f"{keys.deploy_config(app, cluster)} is missing; nodes of {where} hold until it"
+            " is written (pp apply)"
+        )
+
+
+def _active(value: Any) -> str | None:
+    try:
+        config = op.parse_config(value, "")
+    except (IntentError, op.OperatorError):
+        return None
+    return config.active_version if config is not None else None
+
+
+@cli.command()
+@click.argument("app")
+@click.option("-c", "--cluster", required=True, help="Cluster to roll back.")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    metavar="VERSION",
+    help="Prep version to make active; needed when the audit trail cannot tell.",
+)
+@pass_env
+def rollback(env: Env, app: str, cluster: str, to: str | None) -> None:
+    """Make the previously active version active again; the current one becomes prep.
+
+    Without --to: the only prep version, else the prep version that was active
+    most recently according to the audit trail (pp history).
+    """
+    op.check_name("app", app)
+    op.check_name("cluster", cluster)
+    if to is not None:
+        op.check_name("version", to)
+    store = env.store()
+    key = keys.config(app, cluster)
+    history = store.history(app)
+
+    def transform(old: Any) -> Any:
+        config = op.parse_config(old, key)
+        if config is None:
+            raise op.OperatorError(f"{key}: missing; nothing to roll back")
+        target = to or op.rollback_target(config, history, key)
+        return op.dump(op.rolled_back(config, target, key))
+
+    change = op.update(store, key, transform, app=app, action="rollback", who=op.actor())
+    before, after = _active(change.old), _active(change.new)
+    kept = f" ({before} kept as prep)" if before else ""
+    click.echo(f"{app}/{cluster}: rolled back to {after}{kept}")
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
+@click.option("-c", "--cluster", required=True, help="Cluster of the app the nodes run.")
+@pass_env
+def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
+    """Make NODEs run CLUSTER of APP (a node runs one cluster of an app)."""
+    op.check_name("app", app)
+    op.check_name("cluster", cluster)
+    for node in nodes:
+        op.check_name("node", node)
+    store = env.store()
+    if cluster not in store.clusters_of(app):
+        _warn(
+            f"{app} has no cluster {cluster} yet; its nodes report it missing until"
+            f" {keys.config(app, cluster)} and {keys.deploy_config(app, cluster)} exist"
+        )
+    who = op.actor()
+    for node in nodes:
+        change = op.update(
+            store,
+            keys.node_app(node, app),
+            lambda _old: {"cluster": cluster},
+            app=app,
+            action="assign",
+            who=who,
+        )
+        old_cluster = change.old.get("cluster") if isinstance(change.old, dict) else None
+        if not change.changed:
+            click.echo(f"{node}: already runs {app}/{cluster}")
+        elif old_cluster:
+            click.echo(f"{node}: runs {app}/{cluster} (was {old_cluster})")
+        else:
+            click.echo(f"{node}: runs {app}/{cluster}")
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
+@pass_env
+def unassign(env: Env, app: str, nodes: Sequence[str]) -> None:
+    """Stop APP on NODEs. Nothing changes if any NODE does not run APP."""
+    op.check_name("app", app)
+    for node in nodes:
+        op.check_name("node", node)
+    store = env.store()
+    assigned = store.nodes_of(app)
+    missing = [node for node in nodes if node not in assigned]
+    if missing:
+        running = ", ".join(sorted(assigned)) or "none"
+        raise PPError(f"{app} is not assigned to {', '.join(missing)} (assigned: {running})")
+    who = op.actor()
+    for node in nodes:
+        op.update(
+            store, keys.node_app(node, app), lambda _old: None, app=app, action="unassign", who=who
+        )
+        click.echo(f"{node}: no longer runs {app}")
+
+
+# -- what happened ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("app", required=False)
+@click.option("-n", "--node", default=None, help="Only this node.")
+@json_option
+@pass_env
+def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
+    """What the agents report: one row per node, agent and app.
+
+    AGE is how long the agent has been in its status; a report not refreshed
+    for a while is called out in MESSAGE, as its agent is probably not running.
+    """
+    if app is not None:
+        op.check_name("app", app)
+    if node is not None:
+        op.check_name("node", node)
+    store = env.store()
+    reports = store.reality(node, app)
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in reports])
+        return
+    expected: set[tuple[str, str]] = set()
+    if app is not None:
+        expected = {(n, app) for n in store.nodes_of(app) if node is None or n == node}
+    elif node is not None:
+        expected = {(node, a) for a in store.assignments(node)}
+    unreported = sorted(expected - {(r.node, r.app) for r in reports})
+    rows = render.status_rows(reports, unreported, time.time())
+    click.echo(render.table(render.STATUS_COLUMNS, rows))
+
+
+@cli.command()
+@click.argument("app")
+@json_option
+@pass_env
+def history(env: Env, app: str, as_json: bool) -> None:
+    """Every change pp made to APP, oldest first: who, when, which key, what changed."""
+    op.check_name("app", app)
+    records = env.store().history(app)
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in records])
+        return
+    click.echo(render.table(render.HISTORY_COLUMNS, render.history_rows(records)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the exit code, never a traceback for anything an operator can cause."""
+    try:
+        result = cli.main(args=argv, prog_name="pp", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("pp: error: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        # `pp history | head`: the reader left; say nothing more.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(  # noqa: SIM115 - replaced stdout must outlive this frame
+                "/dev/null", "w"
+            )
+        return 1
+    return result if isinstance(result, int) else 0

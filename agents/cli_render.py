@@ -1,0 +1,123 @@
+"""Text ``pp`` prints: tables, ages, diffs and one-line change summaries. No I/O."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from intent.model import AuditRecord, Reality
+from intent.store.intent_store import REALITY_HEARTBEAT_S
+
+STALE_AFTER_S = 3 * REALITY_HEARTBEAT_S
+"""A live agent refreshes its report at least every heartbeat; three missed means it is gone."""
+
+STATUS_COLUMNS = ("NODE", "AGENT", "APP", "STATUS", "VERSION", "AGE", "MESSAGE")
+HISTORY_COLUMNS = ("TIME", "ACTOR", "ACTION", "KEY", "CHANGE")
+
+
+def age(seconds: float) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d``: rounded down, never negative (clocks drift)."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is left ragged."""
+    rows = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def status_rows(
+    reports: Sequence[Reality], unreported: Iterable[tuple[str, str]], now: float
+) -> list[list[str]]:
+    """One row per report; AGE is how long the agent has been in this status.
+
+    ``unreported`` are ``(node, app)`` assignments no agent has reported on yet,
+    shown so that a freshly assigned node is visibly waiting, not missing."""
+    rows = []
+    for r in reports:
+        message = one_line(r.error or "")
+        if now - r.updated_at > STALE_AFTER_S:
+            stale = f"no report for {age(now - r.updated_at)}"
+            message = f"{stale}: {message}" if message else stale
+        rows.append(
+            [r.node, r.agent, r.app, r.status, r.version or "-", age(now - r.since), message]
+        )
+    for node, app in unreported:
+        rows.append([node, "-", app, "unknown", "-", "-", "no agent has reported yet"])
+    return sorted(rows)
+
+
+def pretty(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        # An undecodable stored value, shown as it is.
+        return value if value.endswith("\n") else value + "\n"
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+def diff(key: str, old: Any, new: Any) -> str:
+    """A unified diff of one key's JSON, pretty-printed with sorted keys."""
+    lines = difflib.unified_diff(
+        pretty(old).splitlines(keepends=True),
+        pretty(new).splitlines(keepends=True),
+        fromfile=f"a/{key}" if old is not None else "/dev/null",
+        tofile=f"b/{key}" if new is not None else "/dev/null",
+    )
+    return "".join(lines)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(old: Any, new: Any, path: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in sorted(old.keys() | new.keys(), key=str):
+            where = f"{path}.{name}" if path else str(name)
+            if name not in old:
+                out.append(f"{where}: + {_short(new[name])}")
+            elif name not in new:
+                out.append(f"{where}: - {_short(old[name])}")
+            else:
+                _differences(old[name], new[name], where, out)
+    elif old != new:
+        out.append(f"{path or 'value'}: {_short(old)} -> {_short(new)}")
+
+
+def change_summary(old: Any, new: Any) -> str:
+    """``versions.1.0.0.state: "active" -> "prep"; versions.1.1.0: + {...}``."""
+    if old is None:
+        return "created"
+    if new is None:
+        return "deleted"
+    parts: list[str] = []
+    _differences(old, new, "", parts)
+    return "; ".join(parts) or "no change"
+
+
+def timestamp(at: float) -> str:
+    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def history_rows(records: Sequence[AuditRecord]) -> list[list[str]]:
+    return [
+        [timestamp(r.at), r.actor, r.action, r.key, change_summary(r.old, r.new)] for r in records
+    ]

@@ -104,7 +104,7 @@ def _warn(message: str) -> None:
     click.echo(f"pp: warning: {render.one_line(message)}", err=True)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="pp", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--store",
     envvar="PP_STORE",
@@ -169,6 +169,11 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
     for _, plan in plans:
         for item in plan:
             click.echo(render.diff(item.key, item.old, item.new), nl=False)
+            for version in op.changed_artifacts(item.old, item.new):
+                _warn(
+                    f"{item.key}: version {version} gets a different sha256; a node that"
+                    " installed it already keeps the artifact it has, so prefer a new version"
+                )
     who = op.actor()
     for app_file, plan in plans:
         if not plan:

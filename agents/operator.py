@@ -288,6 +288,26 @@ def plan_apply(store: IntentStore, app_file: AppFile, prune_nodes: bool) -> list
     return plan
 
 
+def changed_artifacts(old: Json, new: Json) -> list[str]:
+    """Versions present in both values whose sha256 differs.
+
+    ``pp deploy`` refuses this; ``pp apply`` allows it (replacing placeholder
+    digests with real ones is legitimate) but the operator should know that a
+    node which already installed that version has the old artifact."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    before, after = old.get("versions"), new.get("versions")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return []
+    return sorted(
+        name
+        for name, spec in after.items()
+        if isinstance(spec, dict)
+        and isinstance(before.get(name), dict)
+        and before[name].get("sha256") != spec.get("sha256")
+    )
+
+
 def execute_apply(store: IntentStore, app: str, plan: Sequence[PlannedWrite], who: str) -> None:
     """Write ``plan`` key by key, each only if unchanged since it was read.
 

@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from agents import cli
+from agents.appfile import read_app_file
 from intent import keys
 from intent.model import AppConfig, Reality
 from intent.store import IntentStore
@@ -158,6 +159,18 @@ def test_apply_leaves_nodes_missing_from_the_file_unless_pruning(
     result = pp("apply", "--prune-nodes", "-f", fewer)
     assert "--- a/nodes/web2/hello\n+++ /dev/null" in result.stdout
     assert set(store.nodes_of("hello")) == {"web1"}
+
+
+def test_apply_warns_when_a_version_changes_its_artifact(
+    pp: Pp, hello: str, tmp_path: Path, store: IntentStore
+) -> None:
+    result = pp("apply", "-f", write(tmp_path, "new-sha.yaml", HELLO.replace(A, B)))
+    assert result.exit_code == 0
+    assert result.stderr == (
+        "pp: warning: clusters/hello/production/config: version 1.0.0 gets a different sha256;"
+        " a node that installed it already keeps the artifact it has, so prefer a new version\n"
+    )
+    assert stored(store, keys.config("hello", "production"))["versions"]["1.0.0"]["sha256"] == B
 
 
 def test_apply_reads_stdin(pp: Pp, store: IntentStore) -> None:
@@ -586,3 +599,66 @@ def test_main_returns_the_exit_code_instead_of_raising(url: str) -> None:
     assert cli.main(["--store", url, "get", "nope"]) == 1
     assert cli.main(["--store", url, "nope"]) == 2
     assert sys.exc_info() == (None, None, None)
+
+
+# -- the sample intent -------------------------------------------------------------------
+
+LOAD_INTENT = REPO / "test_data" / "load-intent"
+
+
+def test_sample_intent_loads_into_a_store_for_the_chosen_node_and_root(
+    tmp_path: Path, url: str, store: IntentStore
+) -> None:
+    if not PP_BIN.exists():
+        pytest.skip(f"{PP_BIN} is not installed (run scripts/setup)")
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "SHA256SUMS").write_text(f"{C}  hello-1.1.0.tar.gz\n")
+    args = ["--store", url, "--node", "demo-node", "--root", "/srv/demo", "--run-as", "demo"]
+    result = subprocess.run(
+        [sys.executable, str(LOAD_INTENT), *args, "--artifacts", str(artifacts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "echo: 6 key(s) written" in result.stdout
+    assert "hello: 6 key(s) written" in result.stdout
+    assert "using placeholder digests" in result.stderr
+    for app in ("hello", "echo"):
+        assert store.clusters_of(app) == ["production", "staging"]
+        assert store.nodes_of(app) == {"demo-node": "production", "staging1": "staging"}
+    intents = {i.app: i for i in store.apps_for_node("demo-node")}
+    assert set(intents) == {"echo", "hello"}
+    assert all(i.valid for i in intents.values()), [i.error for i in intents.values()]
+    hello = intents["hello"]
+    assert hello.deploy is not None and hello.config is not None
+    assert hello.deploy.basedir == "/srv/demo/production/hello"
+    assert hello.deploy.run_as == "demo"
+    assert hello.config.active_version == "1.1.0"
+    assert hello.config.versions["1.1.0"].sha256 == C
+    assert hello.config.versions["1.1.0"].url == f"file://{artifacts}/hello-1.1.0.tar.gz"
+
+
+def test_sample_intent_keeps_every_port_and_basedir_apart_so_all_can_share_a_host(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "rendered"
+    subprocess.run(
+        [sys.executable, str(LOAD_INTENT), "--render", str(out), "--node", "n1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    ports, public, basedirs = [], [], []
+    for path in sorted(out.glob("*.yaml")):
+        app_file = read_app_file(str(path))
+        for spec in app_file.clusters.values():
+            assert spec.deploy_config is not None
+            basedirs.append(spec.deploy_config.basedir)
+            ports += [p.port for p in spec.deploy_config.ports]
+            public += [p.public_port for p in spec.deploy_config.ports]
+    assert len(basedirs) == 4
+    assert len(set(ports + public)) == len(ports + public) == 8
+    assert len(set(basedirs)) == 4
+    assert all(b.startswith("/tmp/platypus-demo/") for b in basedirs)

@@ -171,8 +171,8 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
             click.echo(render.diff(item.key, item.old, item.new), nl=False)
             for version in op.changed_artifacts(item.old, item.new):
                 _warn(
-                    f"{item.key}: version {version} gets a different sha256; a node that"
-                    " installed it already keeps the artifact it has, so prefer a new version"
+                    f"{item.key}: version {version} gets a different sha256; a version's"
+                    " artifact is meant never to change, so prefer a new version"
                 )
     who = op.actor()
     for app_file, plan in plans:

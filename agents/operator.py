@@ -292,8 +292,8 @@ def changed_artifacts(old: Json, new: Json) -> list[str]:
     """Versions present in both values whose sha256 differs.
 
     ``pp deploy`` refuses this; ``pp apply`` allows it (replacing placeholder
-    digests with real ones is legitimate) but the operator should know that a
-    node which already installed that version has the old artifact."""
+    digests with real ones is legitimate) but says so, since nodes that
+    installed the version must now fetch a different artifact under its name."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return []
     before, after = old.get("versions"), new.get("versions")

@@ -168,7 +168,7 @@ def test_apply_warns_when_a_version_changes_its_artifact(
     assert result.exit_code == 0
     assert result.stderr == (
         "pp: warning: clusters/hello/production/config: version 1.0.0 gets a different sha256;"
-        " a node that installed it already keeps the artifact it has, so prefer a new version\n"
+        " a version's artifact is meant never to change, so prefer a new version\n"
     )
     assert stored(store, keys.config("hello", "production"))["versions"]["1.0.0"]["sha256"] == B
 

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from intent.model import AuditRecord, Reality
-from intent.store.intent_store import REALITY_HEARTBEAT_S
 
-STALE_AFTER_S = 3 * REALITY_HEARTBEAT_S
-"""A live agent refreshes its report at least every heartbeat; three missed means it is gone."""
+STALE_AFTER_S = 300.0
+"""A live agent re-reports every app on each resync (every minute or so by default) and
+the store keeps that write once the last one is 30 s old (REALITY_HEARTBEAT_S); five minutes
+without one means the agent is stopped or stuck."""
 
 STATUS_COLUMNS = ("NODE", "AGENT", "APP", "STATUS", "VERSION", "AGE", "MESSAGE")
 HISTORY_COLUMNS = ("TIME", "ACTOR", "ACTION", "KEY", "CHANGE")

@@ -1,0 +1,1 @@
+"""pp-iptables: open and map each app's ports, touching nothing it does not own."""

@@ -22,7 +22,8 @@ class Entry:
     key: str
     value: bytes
     version: int
-    """Changes on every write of this key; the value ``put(expect=...)`` compares against."""
+    """Changes on every write that changes this key's value (a backend may keep it when
+    the same bytes are written again); the value ``put(expect=...)`` compares against."""
 
 
 class StoreError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -220,7 +221,7 @@ def get(env: Env, app: str, as_json: bool) -> None:
     """
     op.check_name("app", app)
     view = op.read_app(env.store(), app)
-    if not view.document["clusters"]:
+    if not view.document["clusters"] and not view.problems:
         raise PPError(f"no intent for app {app} under prefix {env.prefix!r}")
     if as_json:
         _print_json(view.document)
@@ -440,10 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo("pp: error: interrupted", err=True)
         return 130
     except BrokenPipeError:
-        # `pp history | head`: the reader left; say nothing more.
+        # `pp history | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again on the way out.
         with contextlib.suppress(OSError):
-            sys.stdout = open(  # noqa: SIM115 - replaced stdout must outlive this frame
-                "/dev/null", "w"
-            )
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return result if isinstance(result, int) else 0

@@ -234,6 +234,14 @@ def test_get_reports_a_cluster_that_nodes_run_but_has_no_intent(
     assert "clusters/hello/canary/config: missing, yet web3 run this cluster" in line
 
 
+def test_get_reports_an_invalid_assignment_even_when_it_is_all_there_is(
+    pp: Pp, store: IntentStore
+) -> None:
+    store.put_json(keys.node_app("web1", "lonely"), {"cluser": "production"})
+    line = one_error_line(pp("get", "lonely"))
+    assert line.startswith("pp: error: nodes/web1/lonely: cluster: Field required; cluser: Extra")
+
+
 def test_get_of_an_unknown_app_is_an_error(pp: Pp) -> None:
     assert (
         one_error_line(pp("get", "nope"))

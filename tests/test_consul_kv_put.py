@@ -6,8 +6,11 @@ shows; these tests run exactly those commands against a real agent.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,23 +21,32 @@ SHA = "0123456789abcdef" * 4
 
 
 class ConsulCli:
-    def __init__(self, binary: str, addr: str) -> None:
-        self.binary, self.addr = binary, addr
+    """Runs ``consul <args>`` as an operator would, with ``CONSUL_HTTP_ADDR`` set."""
 
-    def __call__(self, *args: str) -> str:
-        done = subprocess.run(
-            [self.binary, args[0], args[1], f"-http-addr={self.addr}", *args[2:]],
+    def __init__(self, binary: str, addr: str, cwd: Path) -> None:
+        self.binary, self.cwd = binary, cwd
+        self.env = {**os.environ, "CONSUL_HTTP_ADDR": addr}
+        self.env.pop("CONSUL_HTTP_TOKEN", None)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.binary, *args],
             capture_output=True,
             text=True,
             timeout=30,
+            env=self.env,
+            cwd=self.cwd,
         )
+
+    def __call__(self, *args: str) -> str:
+        done = self.run(*args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
 
 @pytest.fixture
-def cli(consul_bin: str, consul_addr: str) -> Iterator[ConsulCli]:
-    run = ConsulCli(consul_bin, consul_addr)
+def cli(consul_bin: str, consul_addr: str, tmp_path: Path) -> Iterator[ConsulCli]:
+    run = ConsulCli(consul_bin, consul_addr, tmp_path)
     run("kv", "delete", "-recurse", "platypus/")
     yield run
     run("kv", "delete", "-recurse", "platypus/")
@@ -47,23 +59,24 @@ def store(consul_addr: str) -> Iterator[IntentStore]:
     opened.close()
 
 
+DEPLOY_CONFIG = (
+    '{"basedir":"/srv/hello","run_as":"hello",'
+    '"ports":[{"name":"http","port":8080,"public_port":80}],'
+    '"health_check":{"type":"http","port":8080,"path":"/health"}}'
+)
+CONFIG = (
+    '{"versions":{"1.0.0":{"state":"active","sha256":"' + SHA + '",'
+    '"url":"https://artifacts.example/hello-1.0.0.tar.gz"}},'
+    '"min_nodes":1,"user_config":{"greeting":"hi"}}'
+)
+
+
 def _write_hello(cli: ConsulCli) -> None:
+    """The commands of docs/intent.md, "Writing intent with the stock Consul CLI"."""
+    cli("kv", "put", "platypus/clusters/hello/production/deploy_config", DEPLOY_CONFIG)
+    cli("kv", "put", "platypus/clusters/hello/production/config", CONFIG)
     cli("kv", "put", "platypus/nodes/web1/hello", '{"cluster":"production"}')
-    cli(
-        "kv",
-        "put",
-        "platypus/clusters/hello/production/config",
-        '{"versions":{"1.0.0":{"state":"active","sha256":"' + SHA + '"}},'
-        '"min_nodes":0,"user_config":{}}',
-    )
-    cli(
-        "kv",
-        "put",
-        "platypus/clusters/hello/production/deploy_config",
-        '{"basedir":"/srv/hello","run_as":"hello",'
-        '"ports":[{"name":"http","port":8080}],'
-        '"health_check":{"type":"http","port":8080,"path":"/health"}}',
-    )
+    cli("kv", "put", "platypus/nodes/web2/hello", '{"cluster":"production"}')
 
 
 @pytest.mark.consul
@@ -79,12 +92,57 @@ def test_intent_written_with_consul_kv_put_parses_into_the_model(
     assert hello.config is not None and hello.deploy is not None
     assert hello.config.active_version == "1.0.0"
     assert hello.config.versions["1.0.0"].sha256 == SHA
-    assert hello.config.min_nodes == 0
+    assert hello.config.versions["1.0.0"].url == "https://artifacts.example/hello-1.0.0.tar.gz"
+    assert hello.config.min_nodes == 1
+    assert hello.config.user_config == {"greeting": "hi"}
     assert hello.deploy.basedir == "/srv/hello"
     assert hello.deploy.run_as == "hello"
-    assert [(p.name, p.port, p.protocol) for p in hello.deploy.ports] == [("http", 8080, "tcp")]
+    assert [(p.name, p.port, p.protocol, p.public_port) for p in hello.deploy.ports] == [
+        ("http", 8080, "tcp", 80)
+    ]
     assert hello.deploy.health_check is not None
     assert hello.deploy.health_check.path == "/health"
+    assert store.nodes_of("hello") == {"web1": "production", "web2": "production"}
+
+
+@pytest.mark.consul
+def test_a_value_put_from_a_file_and_a_kv_delete_are_seen(
+    cli: ConsulCli, store: IntentStore
+) -> None:
+    _write_hello(cli)
+    (cli.cwd / "config.json").write_text(CONFIG.replace('"min_nodes":1', '"min_nodes":2'))
+
+    cli("kv", "put", "platypus/clusters/hello/production/config", "@config.json")
+    cli("kv", "delete", "platypus/nodes/web2/hello")
+
+    [hello] = store.apps_for_node("web1")
+    assert hello.config is not None and hello.config.min_nodes == 2
+    assert store.apps_for_node("web2") == []
+
+
+@pytest.mark.consul
+def test_consul_cas_put_uses_the_same_version_the_store_reports(
+    cli: ConsulCli, store: IntentStore
+) -> None:
+    _write_hello(cli)
+    key = "platypus/clusters/hello/production/config"
+    detailed = cli("kv", "get", "-detailed", key)
+    found = re.search(r"^ModifyIndex\s+(\d+)$", detailed, re.MULTILINE)
+    assert found, detailed
+    modify_index = int(found.group(1))
+    raw = store.get_raw("clusters/hello/production/config")
+    assert raw is not None and raw.version == modify_index
+
+    # Someone else changes the value in between: the -cas write must fail.
+    store.put_json("clusters/hello/production/config", {"min_nodes": 3})
+    stale = cli.run("kv", "put", "-cas", f"-modify-index={modify_index}", key, CONFIG)
+    assert stale.returncode != 0
+
+    current = store.get_raw("clusters/hello/production/config")
+    assert current is not None
+    cli("kv", "put", "-cas", f"-modify-index={current.version}", key, CONFIG)
+    [hello] = store.apps_for_node("web1")
+    assert hello.config is not None and hello.config.min_nodes == 1
 
 
 @pytest.mark.consul

@@ -455,7 +455,8 @@ def test_history_lists_every_change_with_actor_and_summary(pp: Pp, hello: str) -
 
 
 def test_schema_is_json_schema_with_every_model_and_accepts_the_app_file(pp: Pp) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # type: ignore[import-untyped]  # with moto[server], a test dependency
+
     result = CliRunner().invoke(cli.cli, ["schema"])
     schema = json.loads(result.stdout)
     for model in (
@@ -501,10 +502,11 @@ def test_an_unusable_store_is_one_line(pp: Pp) -> None:
 # -- racing operators --------------------------------------------------------------------
 
 
-def test_two_operators_deploying_at_once_lose_no_write(
-    hello: str, url: str, store: IntentStore, monkeypatch: pytest.MonkeyPatch
+def race_two_deploys(
+    store_args: list[str], store: IntentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both read the same config before either writes, so one CAS must fail and retry."""
+    """Two operators deploy at once; both read the config before either writes, so one
+    compare-and-set must fail and that operator must retry from a fresh read."""
     both_read = threading.Barrier(2)
     waited = threading.local()
     config_reads = []
@@ -523,7 +525,7 @@ def test_two_operators_deploying_at_once_lose_no_write(
     codes: dict[str, int] = {}
 
     def deploy(version: str, sha: str) -> None:
-        argv = ["--store", url, "deploy", "hello", version, "-c", "production", "--sha256", sha]
+        argv = [*store_args, "deploy", "hello", version, "-c", "production", "--sha256", sha]
         codes[version] = cli.main(argv)
 
     threads = [threading.Thread(target=deploy, args=v) for v in (("2.0.0", B), ("3.0.0", C))]
@@ -542,12 +544,36 @@ def test_two_operators_deploying_at_once_lose_no_write(
     assert active_and_states(store) == {"1.0.0": "prep", first: "prep", last: "active"}
 
 
+def test_two_operators_deploying_at_once_lose_no_write(
+    hello: str, url: str, store: IntentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    race_two_deploys(["--store", url], store, monkeypatch)
+
+
+@pytest.mark.consul
+def test_pp_on_consul_applies_reads_and_races_like_on_the_embedded_store(
+    consul_addr: str, ns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intent.store import open_store
+
+    monkeypatch.setenv("PP_ACTOR", "tester")
+    store_args = ["--store", f"consul://{consul_addr}", "--prefix", ns]
+    assert cli.main([*store_args, "apply", "-f", write(tmp_path, "h.yaml", HELLO)]) == 0
+    store = open_store(f"consul://{consul_addr}", ns)
+    try:
+        assert store.nodes_of("hello") == {"web1": "production", "web2": "production"}
+        race_two_deploys(store_args, store, monkeypatch)
+        store.kv.put(store.prefix + keys.deploy_config("hello", "production"), b'{"basedir": "x"}')
+        assert cli.main([*store_args, "get", "hello"]) == 1
+    finally:
+        store.close()
+
+
 # -- the installed entry point -----------------------------------------------------------
 
 
 def run_pp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    if not PP_BIN.exists():
-        pytest.skip(f"{PP_BIN} is not installed (run scripts/setup)")
+    assert PP_BIN.exists(), f"{PP_BIN} is not installed: run scripts/setup"
     full_env = {**os.environ, "PP_ACTOR": "tester", **(env or {})}
     return subprocess.run(
         [str(PP_BIN), *args], capture_output=True, text=True, env=full_env, timeout=60
@@ -617,8 +643,7 @@ LOAD_INTENT = REPO / "test_data" / "load-intent"
 def test_sample_intent_loads_into_a_store_for_the_chosen_node_and_root(
     tmp_path: Path, url: str, store: IntentStore
 ) -> None:
-    if not PP_BIN.exists():
-        pytest.skip(f"{PP_BIN} is not installed (run scripts/setup)")
+    assert PP_BIN.exists(), f"{PP_BIN} is not installed: run scripts/setup"
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     (artifacts / "SHA256SUMS").write_text(f"{C}  hello-1.1.0.tar.gz\n")

@@ -169,9 +169,10 @@ class ConsulStore(KVStore):
                 f"{where}: permission denied to {action} {key!r} with {self._token_source}; "
                 "grant its ACL policy access to that key or use another token"
             ) from None
-        except consul.ACLDisabled:
+        except consul.ACLDisabled as exc:
             raise StoreError(
-                f"{where}: {action} {key!r} needs an ACL token; set CONSUL_HTTP_TOKEN"
+                f"{where}: unauthorized to {action} {key!r} with {self._token_source} "
+                f"({_first_line(exc)}); check CONSUL_HTTP_TOKEN"
             ) from None
         except requests.exceptions.SSLError as exc:
             raise StoreUnavailable(
@@ -281,6 +282,9 @@ class ConsulStore(KVStore):
             self._check_key(prefix)
         if token is None or len(token) != len(prefixes) or timeout <= 0:
             return tuple(self._index(p) for p in prefixes)
+        if not prefixes:
+            time.sleep(timeout)
+            return ()
         deadline = time.monotonic() + timeout
         current = list(token)
         while (remaining := deadline - time.monotonic()) > 0:
@@ -330,18 +334,26 @@ class ConsulStore(KVStore):
         another process holds it with under the same holder name (an agent that
         restarted: the slot belongs to the holder, not to the process), or a new one."""
         key = resource + holder
-        known = self._sessions.get((resource, holder))
-        if known is not None and self._renew(known, key):
-            return known
+        session = self._sessions.get((resource, holder))
+        if session is not None and not self._renew(session, key):
+            log.info("store.slot_lapsed", resource=resource, holder=holder)
+            session = None
         for _ in range(CAS_RETRIES):
-            other = self._holding_session(key)
-            if other is not None and self._renew(other, key):
-                return other
-            session = self._create_session(key, ttl_s)
+            created = False
+            if session is None:
+                other = self._holding_session(key)
+                if other is not None and self._renew(other, key):
+                    session = other
+                else:
+                    session, created = self._create_session(key, ttl_s), True
+            # Acquiring again with the holding session is a no-op, and it puts the key
+            # back if someone deleted it by hand while the session lived on.
             with self._errors("acquire slot", key):
                 if self._client.kv.put(key, holder.encode(), acquire=session):
                     return session
-            self._destroy(session, key)
+            if created:
+                self._destroy(session, key)
+            session = None
         raise StoreUnavailable(
             f"consul at {self.address}: slot key {key!r} kept changing hands; retry later"
         )

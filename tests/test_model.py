@@ -108,7 +108,7 @@ def test_health_check_defaults_all_but_type() -> None:
     assert parsed.health_check is not None
     assert parsed.health_check.path == "/health"
     assert parsed.health_check.healthy_threshold >= 1
-    with pytest.raises(IntentError, match="health_check.type"):
+    with pytest.raises(IntentError, match=r"health_check\.type"):
         parse(DeployConfig, deploy(health_check={"port": 8080}), "k")
 
 
@@ -136,7 +136,7 @@ def test_errors_are_one_line_naming_the_key() -> None:
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b'"text"'])
 def test_values_that_are_not_json_objects_are_refused(raw: bytes) -> None:
-    with pytest.raises(IntentError, match="^k: "):
+    with pytest.raises(IntentError, match=r"^k: "):
         parse(AppConfig, raw, "k")
 
 

@@ -19,7 +19,7 @@ BUILTIN = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
     "nat": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
 }
-_RULE = re.compile(r"(?:\[(\d+):(\d+)\] )?-([AI]) (\S+)(?: (\d+))? ?(.*)")
+_RULE = re.compile(r"(?:\[(\d+):(\d+)\] )?-([AID]) (\S+)(?: (\d+))? ?(.*)")
 
 
 class FakeTables(Iptables):
@@ -96,7 +96,12 @@ class FakeTables(Iptables):
                 if table is None or match is None or match[4] not in table:
                     raise IptablesError(f"fake iptables-restore: bad line {line!r}")
                 rule: list[object] = [int(match[1] or 0), int(match[2] or 0), match[6]]
-                if match[3] == "I":
+                if match[3] == "D":
+                    texts = [r[2] for r in table[match[4]]]
+                    if match[6] not in texts:
+                        raise IptablesError(f"fake iptables-restore: no such rule {line!r}")
+                    del table[match[4]][texts.index(match[6])]
+                elif match[3] == "I":
                     table[match[4]].insert(int(match[5] or 1) - 1, rule)
                 else:
                     table[match[4]].append(rule)

@@ -212,3 +212,26 @@ def test_commands_default_to_the_iptables_family(
     expected: tuple[list[str], list[str], list[str]],
 ) -> None:
     assert commands(ipv6, iptables, restore, save) == expected
+
+
+def test_steady_passes_still_notice_drift_and_intent_changes(store: IntentStore) -> None:
+    tables = FakeTables()
+    put_app(store, "web", [{"name": "http", "port": 8080, "public_port": 80}])
+    rt = runtime(store, tables)
+    for _ in range(3):
+        assert rt.run_pass(force=True)
+    assert len(tables.restores) == 1
+    tables.count("filter", INPUT.name, 5)  # traffic alone is no drift
+    assert rt.run_pass(force=True)
+    assert len(tables.restores) == 1
+
+    tables.chains["nat"][PREROUTING.name].clear()  # drift made by hand
+    assert rt.run_pass(force=True)
+    assert len(tables.restores) == 2
+    assert len(tables.chains["nat"][PREROUTING.name]) == 1
+
+    put_app(store, "web", [{"name": "http", "port": 8081, "public_port": 80}])
+    assert rt.run_pass(force=True)
+    assert input_ports(tables) == ["8081"]
+    assert rt.run_pass(force=True)
+    assert len(tables.restores) == 3

@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from agents.system.iptables import tokens
 
 Protocol = Literal["tcp", "udp"]
 Table = Literal["filter", "nat"]
@@ -42,14 +44,14 @@ WATCHED = frozenset({c.name for c in CHAINS} | {c.parent for c in CHAINS})
 """The chains whose rules we read: ours, and the built-ins that must jump to them."""
 
 
-@dataclass(frozen=True, order=True)
-class Rule:
+class Rule(NamedTuple):
     """One rule of ours.
 
     In ``PLATYPUS-INPUT`` it accepts ``dport``; in the nat chains it redirects
     ``dport`` (the public port) to ``to_port`` (the app's port), and only for
     traffic addressed to this host, so the host's own outbound connections to
-    that port elsewhere are left alone.
+    that port elsewhere are left alone. A tuple, because a node holds thousands
+    and a pass compares and hashes them all.
     """
 
     chain: str
@@ -101,10 +103,26 @@ _VALUED = {
 }
 
 
+_CANONICAL = re.compile(
+    r"-p (?P<protocol>tcp|udp) -m (?:tcp|udp) --dport (?P<dport>\d+)"
+    r"(?: -m addrtype --dst-type (?P<dst_type>LOCAL))?"
+    r' -m comment --comment "(?P<comment>[^"\\]*)"'
+    r" -j (?P<target>ACCEPT|REDIRECT)(?: --to-ports (?P<to_ports>\d+))?"
+)
+"""Our rules exactly as ``iptables-save`` prints them: the fast path for a busy node."""
+
+
+def parse_line(chain: str, text: str) -> Rule | None:
+    """Read back a rule from its saved text, splitting it into words only when it
+    is not printed in the usual form."""
+    match = _CANONICAL.fullmatch(text)
+    if match is not None:
+        return _build(chain, {k: v for k, v in match.groupdict().items() if v is not None})
+    return parse_rule(chain, tokens(text))
+
+
 def parse_rule(chain: str, args: tuple[str, ...]) -> Rule | None:
     """Read back a rule of ours, or None when the rule is not one we would write."""
-    if chain not in BY_NAME:
-        return None
     fields: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -120,6 +138,12 @@ def parse_rule(chain: str, args: tuple[str, ...]) -> Rule | None:
         else:
             return None  # negations, addresses, interfaces: not a rule we write
         i += 2
+    return _build(chain, fields)
+
+
+def _build(chain: str, fields: dict[str, str]) -> Rule | None:
+    if chain not in BY_NAME:
+        return None
     comment = _COMMENT.fullmatch(fields.get("comment", ""))
     protocol: Protocol = "udp" if fields.get("protocol") == "udp" else "tcp"
     dport = _port(fields.get("dport"))

@@ -40,10 +40,15 @@ class IptablesError(Exception):
 
 @dataclass(frozen=True)
 class SavedRule:
-    args: tuple[str, ...]
-    """The rule's words after ``-A <chain>``, unquoted."""
+    text: str
+    """The rule after ``-A <chain>``, as printed."""
     packets: int = 0
     bytes: int = 0
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The rule's words, unquoted (split on demand: a busy node has thousands)."""
+        return tokens(self.text)
 
 
 @dataclass
@@ -56,6 +61,14 @@ class SavedTable:
 
 def tokens(text: str) -> tuple[str, ...]:
     """Split a rule as ``iptables-save`` prints it: words, or double-quoted strings."""
+    if "\\" not in text and text.count('"') % 2 == 0:
+        fast: list[str] = []
+        for i, part in enumerate(text.split('"')):
+            if i % 2:
+                fast.append(part)
+            else:
+                fast.extend(part.split())
+        return tuple(fast)
     words = []
     for match in _TOKEN.finditer(text):
         quoted, bare = match.groups()
@@ -95,8 +108,8 @@ def parse_save(text: str, chains: Collection[str]) -> dict[str, SavedTable]:
             words = line.split(None, 2)
             if len(words) < 2 or words[0] != "-A" or words[1] not in chains:
                 continue
-            args = tokens(words[2]) if len(words) > 2 else ()
-            table.rules.setdefault(words[1], []).append(SavedRule(args, packets, byte_count))
+            text = words[2] if len(words) > 2 else ""
+            table.rules.setdefault(words[1], []).append(SavedRule(text, packets, byte_count))
     return tables
 
 

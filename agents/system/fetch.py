@@ -1,0 +1,468 @@
+"""Fetch an artifact into a local file, hashing it on the way.
+
+Sources: ``file://``, ``http(s)://`` (the standard library's client, so the usual
+``HTTPS_PROXY``/``NO_PROXY`` variables apply) and ``s3://bucket/key`` (boto3 with
+the standard credential chain, region and ``AWS_ENDPOINT_URL``).
+
+The sha256 is computed over the bytes as they are written, so verifying costs no
+second read. Transient failures (timeouts, dropped connections, 5xx) are retried
+with exponential backoff; a retry resumes where the last attempt stopped when the
+source allows it (HTTP ``Range`` with ``If-Range``, S3 ``Range`` with ``IfMatch``),
+and starts again otherwise. Permanent failures (404, access denied, no space) fail
+at once with one line that says what to fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import io
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import structlog
+import tenacity
+
+CHUNK = 1 << 20
+USER_AGENT = "platypus-preparer"
+SCHEMES = ("file", "http", "https", "s3")
+
+log = structlog.get_logger()
+
+
+class FetchError(Exception):
+    """A fetch that failed; ``transient`` ones are worth retrying."""
+
+    def __init__(self, message: str, *, transient: bool = False, restart: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient or restart
+        self.restart = restart
+        """The source changed or cannot resume: the next attempt starts from byte 0."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    timeout_s: float = 30.0
+    """Connect timeout, and the longest a read may wait for the next byte."""
+    attempts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    min_free_bytes: int = 0
+    """Free space to leave on the target file system once the artifact is down."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    sha256: str
+    size: int
+    attempts: int
+
+
+def display_url(url: str) -> str:
+    """The URL without credentials or query (pre-signed URLs carry secrets there)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def signature_url(url: str) -> str:
+    """Where the detached signature of ``url`` lives: the same path plus ``.sig``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path + ".sig"))
+
+
+def check_url(url: str) -> None:
+    """Raise FetchError unless ``url`` is one we can fetch."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise FetchError(
+            f"{display_url(url)}: unsupported URL scheme {parts.scheme!r} "
+            f"(use {', '.join(s + '://' for s in SCHEMES)})"
+        )
+    if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise FetchError(f"{url}: use file:///absolute/path (three slashes)")
+    if parts.scheme == "s3" and (not parts.netloc or not parts.path.strip("/")):
+        raise FetchError(f"{display_url(url)}: use s3://bucket/key")
+
+
+def fetch(
+    url: str,
+    sink: BinaryIO,
+    options: FetchOptions,
+    *,
+    max_bytes: int | None = None,
+    space_dir: Path | None = None,
+) -> Fetched:
+    """Copy ``url`` into ``sink`` (a fresh, seekable file) and return its sha256.
+
+    ``max_bytes`` bounds the download; ``space_dir`` is checked for free space
+    against the artifact's announced size before its body is read.
+    """
+    check_url(url)
+    progress = _Progress(sink, max_bytes, space_dir, options.min_free_bytes)
+    source = _source_for(url, options)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max(1, options.attempts)),
+        wait=tenacity.wait_exponential_jitter(
+            multiplier=options.backoff_initial_s,
+            jitter=options.backoff_initial_s,
+            max=options.backoff_max_s,
+        ),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, FetchError) and e.transient),
+        before_sleep=lambda state: _log_retry(url, state),
+        reraise=True,
+    )
+    attempts = 0
+    try:
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                progress.transfer(source)
+    except FetchError as exc:
+        raise FetchError(f"{display_url(url)}: {exc}", transient=exc.transient) from None
+    return Fetched(progress.hasher.hexdigest(), progress.received, attempts)
+
+
+def fetch_bytes(url: str, options: FetchOptions, max_bytes: int = 1 << 16) -> bytes:
+    """A small object (a signature) in memory."""
+    buffer = io.BytesIO()
+    fetch(url, buffer, options, max_bytes=max_bytes)
+    return buffer.getvalue()
+
+
+def _log_retry(url: str, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "fetch.retry",
+        url=display_url(url),
+        attempt=state.attempt_number,
+        error=str(error),
+        wait_s=round(state.upcoming_sleep, 2),
+    )
+
+
+# -- one download, across attempts ------------------------------------------------------
+
+
+class _Body(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+@dataclass
+class _Opened:
+    body: _Body
+    start: int
+    """Offset of the body's first byte: the requested offset, or 0 when the source
+    could not resume and sends the whole artifact again."""
+    total: int | None
+    validator: str | None
+    close: Callable[[], None] = lambda: None
+
+
+class _Source(Protocol):
+    def open(self, offset: int, validator: str | None) -> _Opened: ...
+
+
+@dataclass
+class _Progress:
+    sink: BinaryIO
+    max_bytes: int | None
+    space_dir: Path | None
+    min_free_bytes: int
+    received: int = 0
+    validator: str | None = None
+    space_checked: bool = False
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+    def restart(self) -> None:
+        self.sink.seek(0)
+        self.sink.truncate()
+        self.received = 0
+        self.hasher = hashlib.sha256()
+
+    def transfer(self, source: _Source) -> None:
+        try:
+            opened = source.open(self.received, self.validator)
+        except FetchError as exc:
+            if exc.restart:
+                self.restart()
+                self.validator = None
+            raise
+        try:
+            if opened.start != self.received:
+                self.restart()
+            self.validator = opened.validator
+            if opened.total is not None:
+                self._check_size(opened.total)
+            self._copy(opened.body)
+            if opened.total is not None and self.received < opened.total:
+                raise FetchError(
+                    f"connection closed after {self.received} of {opened.total} bytes",
+                    transient=True,
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                opened.close()
+
+    def _check_size(self, total: int) -> None:
+        if self.max_bytes is not None and total > self.max_bytes:
+            raise FetchError(f"artifact is {total} bytes, more than the limit of {self.max_bytes}")
+        if self.space_dir is None or self.space_checked:
+            return
+        free = shutil.disk_usage(self.space_dir).free
+        needed = total - self.received + self.min_free_bytes
+        if free < needed:
+            raise FetchError(
+                f"not enough free space in {self.space_dir}: the artifact needs "
+                f"{total - self.received} bytes"
+                + (f" plus {self.min_free_bytes} kept free" if self.min_free_bytes else "")
+                + f", {free} available; free some space"
+            )
+        self.space_checked = True
+
+    def _copy(self, body: _Body) -> None:
+        while True:
+            try:
+                chunk = body.read(CHUNK)
+            except FetchError:
+                raise
+            except Exception as exc:
+                raise _transient(exc) from exc
+            if not chunk:
+                return
+            self.received += len(chunk)
+            if self.max_bytes is not None and self.received > self.max_bytes:
+                raise FetchError(f"artifact is larger than the limit of {self.max_bytes} bytes")
+            self.hasher.update(chunk)
+            try:
+                self.sink.write(chunk)
+            except OSError as exc:
+                raise FetchError(f"cannot write the download: {exc.strerror or exc}") from exc
+
+
+def _transient(exc: BaseException) -> FetchError:
+    if isinstance(exc, TimeoutError):
+        return FetchError("timed out waiting for data", transient=True)
+    if isinstance(exc, http.client.IncompleteRead):
+        return FetchError(f"connection closed after {len(exc.partial)} more bytes", transient=True)
+    reason = getattr(exc, "reason", None) or exc
+    if isinstance(reason, TimeoutError):
+        return FetchError("timed out waiting for data", transient=True)
+    return FetchError(f"{type(exc).__name__}: {reason}", transient=True)
+
+
+def _source_for(url: str, options: FetchOptions) -> _Source:
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        return _FileSource(url)
+    if scheme in ("http", "https"):
+        return _HttpSource(url, options.timeout_s)
+    return _S3Source(url, options.timeout_s)
+
+
+# -- file:// ------------------------------------------------------------------------------
+
+
+@dataclass
+class _FileSource:
+    url: str
+
+    def open(self, offset: int, validator: str | None) -> _Opened:
+        path = Path(unquote(urlsplit(self.url).path))
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            raise FetchError("no such file") from None
+        except OSError as exc:
+            raise FetchError(exc.strerror or str(exc)) from None
+        f.seek(offset)
+        return _Opened(f, offset, os.fstat(f.fileno()).st_size, None, f.close)
+
+
+# -- http(s):// ---------------------------------------------------------------------------
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(\d+|\*)$")
+_RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class _HttpSource:
+    url: str
+    timeout_s: float
+
+    def open(self, offset: int, validator: str | None) -> _Opened:
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator:
+                headers["If-Range"] = validator
+        request = urllib.request.Request(self.url, headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416:
+                raise FetchError("HTTP 416, starting again", restart=True) from None
+            hint = {404: " (no artifact at this URL: check --repo or the version's url)"}
+            raise FetchError(
+                f"HTTP {exc.code} {exc.reason}{hint.get(exc.code, '')}",
+                transient=exc.code in _RETRY_STATUSES,
+            ) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise _transient(exc) from None
+        start, total = 0, _int(response.headers.get("Content-Length"))
+        if response.status == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if match is None:
+                response.close()
+                raise FetchError("unusable Content-Range", restart=True)
+            start = int(match.group(1))
+            total = None if match.group(2) == "*" else int(match.group(2))
+        etag = response.headers.get("ETag")
+        validator = etag if etag and not etag.startswith("W/") else None
+        validator = validator or response.headers.get("Last-Modified")
+        return _Opened(response, start, total, validator, response.close)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# -- s3:// --------------------------------------------------------------------------------
+
+_S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(timeout_s: float = 30.0) -> Any:
+    """One boto3 S3 client per configuration (clients are thread-safe, and costly
+    to build); the environment is part of the key so a changed endpoint or
+    profile takes effect."""
+    key = (timeout_s, *(os.environ.get(name) for name in _S3_ENV))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
+                retries={"mode": "standard", "max_attempts": 3},
+                user_agent_extra=USER_AGENT,
+            )
+            client = boto3.session.Session().client("s3", config=config)
+            _clients[key] = client
+        return client
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+_S3_PERMANENT = {
+    "NoSuchKey": "no such key",
+    "NoSuchBucket": "no such bucket",
+    "404": "no such key",
+    "AccessDenied": "access denied (check the credentials and the bucket policy)",
+    "403": "access denied (check the credentials and the bucket policy)",
+    "InvalidAccessKeyId": "invalid access key id",
+    "SignatureDoesNotMatch": "signature does not match (check the secret key)",
+}
+
+
+@dataclass
+class _S3Source:
+    url: str
+    timeout_s: float
+
+    def open(self, offset: int, validator: str | None) -> _Opened:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_url(self.url)
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if offset:
+            args["Range"] = f"bytes={offset}-"
+            if validator:
+                args["IfMatch"] = validator
+        try:
+            response = s3_client(self.timeout_s).get_object(**args)
+        except ClientError as exc:
+            raise _s3_error(exc) from None
+        except BotoCoreError as exc:
+            raise _s3_boto_error(exc) from None
+        body = response["Body"]
+        start, total = 0, int(response.get("ContentLength", 0))
+        match = _CONTENT_RANGE.match(response.get("ContentRange") or "")
+        total_known: int | None = total
+        if match is not None:
+            start = int(match.group(1))
+            total_known = None if match.group(2) == "*" else int(match.group(2))
+        return _Opened(_S3Body(body), start, total_known, response.get("ETag"), body.close)
+
+
+@dataclass
+class _S3Body:
+    body: Any
+
+    def read(self, size: int, /) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return bytes(self.body.read(size))
+        except BotoCoreError as exc:
+            raise FetchError(f"{type(exc).__name__}: {exc}", transient=True) from None
+
+
+def _s3_error(exc: Any) -> FetchError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code in _S3_PERMANENT:
+        return FetchError(_S3_PERMANENT[code])
+    if code in ("PreconditionFailed", "412", "InvalidRange", "416"):
+        return FetchError("object changed, starting again", restart=True)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    transient = status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
+    return FetchError(f"{code or status}: {error.get('Message', '')}", transient=transient)
+
+
+def _s3_boto_error(exc: Exception) -> FetchError:
+    from botocore.exceptions import (
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    if isinstance(exc, NoCredentialsError):
+        return FetchError(
+            "no AWS credentials found (set AWS_PROFILE, AWS_ACCESS_KEY_ID or "
+            "give the host an instance role)"
+        )
+    if isinstance(exc, PartialCredentialsError | ProfileNotFound | ParamValidationError):
+        return FetchError(str(exc))
+    return FetchError(str(exc), transient=True)

@@ -1,0 +1,215 @@
+"""Fetching artifacts from a real loopback HTTP server, moto's S3 server and files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from preparer_support import ArtifactServer, Behaviour, artifact_server, moto_server
+
+from agents.system.fetch import (
+    FetchError,
+    FetchOptions,
+    display_url,
+    fetch,
+    signature_url,
+)
+
+FAST = FetchOptions(timeout_s=0.5, attempts=3, backoff_initial_s=0.05, backoff_max_s=0.1)
+DATA = os.urandom(300_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ArtifactServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "app.tar.gz").write_bytes(DATA)
+    with artifact_server(root) as running:
+        yield running
+
+
+def get(url: str, options: FetchOptions = FAST, **kwargs: object) -> tuple[bytes, str, int]:
+    sink = io.BytesIO()
+    fetched = fetch(url, sink, options, **kwargs)  # type: ignore[arg-type]
+    assert fetched.size == len(sink.getvalue())
+    return sink.getvalue(), fetched.sha256, fetched.attempts
+
+
+# -- http ---------------------------------------------------------------------------------
+
+
+def test_http_fetch_streams_and_hashes_in_one_pass(server: ArtifactServer) -> None:
+    data, sha, attempts = get(f"{server.url}/app.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 1
+    assert server.count("/app.tar.gz") == 1
+
+
+def test_a_stalled_server_times_out_and_the_retry_succeeds(server: ArtifactServer) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=10, stall_times=1)
+    started = time.monotonic()
+    data, sha, attempts = get(f"{server.url}/app.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 2
+    assert FAST.timeout_s <= time.monotonic() - started < 5
+
+
+def test_a_server_that_always_stalls_fails_after_the_attempts(server: ArtifactServer) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=10, stall_times=99)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="timed out") as caught:
+        get(f"{server.url}/app.tar.gz")
+    assert server.count("/app.tar.gz") == FAST.attempts
+    assert time.monotonic() - started < FAST.attempts * (FAST.timeout_s + 0.5)
+    assert str(caught.value).startswith(f"{server.url}/app.tar.gz: ")
+
+
+def test_404_fails_at_once_without_retrying(server: ArtifactServer) -> None:
+    with pytest.raises(FetchError, match="HTTP 404") as caught:
+        get(f"{server.url}/missing.tar.gz")
+    assert not caught.value.transient
+    assert server.count("/missing.tar.gz") == 1
+
+
+def test_500_is_retried_then_reported(server: ArtifactServer) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(status=500)
+    with pytest.raises(FetchError, match="HTTP 500"):
+        get(f"{server.url}/app.tar.gz")
+    assert server.count("/app.tar.gz") == FAST.attempts
+
+
+def test_a_connection_dropped_mid_body_resumes_with_a_range_request(
+    server: ArtifactServer,
+) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(drop_after=100_000, drop_times=1)
+    data, sha, attempts = get(f"{server.url}/app.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 2
+    ranges = [r for _, p, r in server.requests if p == "/app.tar.gz"]
+    assert ranges == [None, "bytes=100000-"]
+
+
+def test_a_dropped_connection_restarts_when_the_server_cannot_resume(
+    server: ArtifactServer,
+) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(drop_after=100_000, drop_times=1, ranges=False)
+    data, sha, attempts = get(f"{server.url}/app.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 2
+
+
+def test_a_connection_refused_is_retried_then_reported() -> None:
+    from preparer_support import free_port
+
+    with pytest.raises(FetchError) as caught:
+        get(f"http://127.0.0.1:{free_port()}/app.tar.gz")
+    assert caught.value.transient
+
+
+def test_downloads_larger_than_the_limit_are_refused_before_reading(
+    server: ArtifactServer,
+) -> None:
+    with pytest.raises(FetchError, match="more than the limit"):
+        get(f"{server.url}/app.tar.gz", max_bytes=1000)
+
+
+def test_not_enough_free_space_is_reported_before_the_body(
+    server: ArtifactServer, tmp_path: Path
+) -> None:
+    options = FetchOptions(timeout_s=0.5, attempts=1, min_free_bytes=1 << 60)
+    with pytest.raises(FetchError, match="not enough free space") as caught:
+        get(f"{server.url}/app.tar.gz", options, space_dir=tmp_path)
+    assert "300000 bytes" in str(caught.value)
+    assert not caught.value.transient
+
+
+def test_urls_are_shown_without_credentials_or_query() -> None:
+    assert (
+        display_url("https://user:secret@repo.invalid/a/b.tar.gz?X-Amz-Signature=abc")
+        == "https://repo.invalid/a/b.tar.gz"
+    )
+    assert (
+        signature_url("https://h.invalid/a.tar.gz?sig=1") == "https://h.invalid/a.tar.gz.sig?sig=1"
+    )
+
+
+# -- file:// ------------------------------------------------------------------------------
+
+
+def test_file_urls(tmp_path: Path) -> None:
+    (tmp_path / "a b.tar.gz").write_bytes(DATA)
+    data, sha, _ = get(f"file://{tmp_path}/a%20b.tar.gz")
+    assert data == DATA and sha == SHA
+    with pytest.raises(FetchError, match="no such file"):
+        get(f"file://{tmp_path}/missing.tar.gz")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://host/a.tar.gz", "unsupported URL scheme"),
+        ("file://host/a.tar.gz", "three slashes"),
+        ("s3://bucket-only", "s3://bucket/key"),
+    ],
+)
+def test_unusable_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(FetchError, match=message):
+        get(url)
+
+
+# -- s3:// via moto in server mode ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = boto3.client("s3")
+    bucket = f"artifacts-{os.urandom(4).hex()}"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="app/app_1.0.tar.gz", Body=DATA)
+    return bucket
+
+
+def test_s3_fetch_through_aws_endpoint_url(s3: str) -> None:
+    data, sha, attempts = get(f"s3://{s3}/app/app_1.0.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 1
+
+
+def test_s3_missing_key_fails_at_once(s3: str) -> None:
+    with pytest.raises(FetchError, match="no such key") as caught:
+        get(f"s3://{s3}/app/app_9.9.tar.gz")
+    assert not caught.value.transient
+
+
+def test_s3_missing_bucket_fails_at_once(s3: str) -> None:
+    with pytest.raises(FetchError, match="no such bucket"):
+        get("s3://no-such-bucket-here/app/app_1.0.tar.gz")
+
+
+def test_s3_free_space_is_checked_against_the_object_size(s3: str, tmp_path: Path) -> None:
+    options = FetchOptions(timeout_s=2, attempts=1, min_free_bytes=1 << 60)
+    with pytest.raises(FetchError, match="not enough free space"):
+        get(f"s3://{s3}/app/app_1.0.tar.gz", options, space_dir=tmp_path)
+
+
+def test_s3_unreachable_endpoint_is_transient(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from preparer_support import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    options = FetchOptions(timeout_s=0.5, attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01)
+    with pytest.raises(FetchError) as caught:
+        get(f"s3://{s3}/app/app_1.0.tar.gz", options)
+    assert caught.value.transient

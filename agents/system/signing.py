@@ -1,0 +1,114 @@
+"""Detached Ed25519 signatures over an artifact's sha256.
+
+The signature covers the text ``platypus-artifact sha256:<hex>\\n`` rather than
+the artifact's bytes: Ed25519 needs its whole message in memory, and the sha256
+is computed while streaming anyway, so this keeps memory flat whatever the
+artifact's size while binding the signature to exactly those bytes.
+
+A signature file (``<artifact>.sig``) holds the 64 signature bytes, raw or in
+base64. Keys are PEM (``openssl genpkey -algorithm ed25519``) or OpenSSH
+(``ssh-keygen -t ed25519``) files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+SIGNATURE_SUFFIX = ".sig"
+
+
+class SignatureError(Exception):
+    """A key or signature that cannot be used; the message says which and why."""
+
+
+def signed_message(sha256: str) -> bytes:
+    return f"platypus-artifact sha256:{sha256}\n".encode()
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _read(path)
+    key: object
+    try:
+        if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise SignatureError(f"{path}: not an unencrypted Ed25519 private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = _read(path)
+    key: object
+    try:
+        if data.lstrip().startswith(b"ssh-"):
+            key = serialization.load_ssh_public_key(data.strip())
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise SignatureError(f"{path}: not an Ed25519 public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def load_trusted_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
+    """Every public key in ``directory`` (hidden files skipped), by file name.
+
+    An unreadable or foreign file is an error rather than skipped: a typo in the
+    trust store should stop the agent, not silently trust fewer keys."""
+    try:
+        paths = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise SignatureError(f"--trusted-keys {directory}: {exc.strerror or exc}") from None
+    keys = {p.name: load_public_key(p) for p in paths if p.is_file()}
+    if not keys:
+        raise SignatureError(f"--trusted-keys {directory}: no public keys in it")
+    return keys
+
+
+def sign(key: Ed25519PrivateKey, sha256: str) -> bytes:
+    """The contents of a ``.sig`` file: the signature in base64 and a newline."""
+    return base64.b64encode(key.sign(signed_message(sha256))) + b"\n"
+
+
+def verify(signature: bytes, sha256: str, keys: Mapping[str, Ed25519PublicKey]) -> str:
+    """The name of the trusted key that made ``signature``; SignatureError if none did."""
+    raw = _decode(signature)
+    message = signed_message(sha256)
+    for name, key in keys.items():
+        try:
+            key.verify(raw, message)
+        except InvalidSignature:
+            continue
+        return name
+    raise SignatureError(f"signature does not verify against any of the {len(keys)} trusted key(s)")
+
+
+def _decode(signature: bytes) -> bytes:
+    if len(signature) == 64:
+        return signature
+    try:
+        raw = base64.b64decode(signature.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 64:
+        raise SignatureError("signature file is neither 64 raw bytes nor their base64")
+    return raw
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SignatureError(f"{path}: {exc.strerror or exc}") from None

@@ -1,0 +1,124 @@
+"""What the preparer should do for one app: a pure function of intent and observation.
+
+No I/O here, so every rule (what to fetch, what to replace, what garbage to
+collect and what to keep for rollback) is tested with plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A version the intent names for this node."""
+
+    version: str
+    sha256: str
+    url: str | None
+    """None when the version has no url and the preparer has no ``--repo``."""
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class Present:
+    """A directory found under an install's final name."""
+
+    version: str
+    sha256: str | None
+    """From its completion marker; None when the marker is missing or unreadable."""
+    installed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    installs: Mapping[str, Present]
+    current: str | None = None
+    previous: str | None = None
+    strays: tuple[str, ...] = ()
+    """Temporary entries a crashed run left behind."""
+
+
+@dataclass(frozen=True)
+class CleanStray:
+    name: str
+
+
+@dataclass(frozen=True)
+class Remove:
+    version: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Install:
+    version: str
+    sha256: str
+    url: str
+    replace: bool
+    """A directory (incomplete, or another sha256) already holds the final name."""
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A wanted version that cannot be installed until someone changes something."""
+
+    version: str
+    reason: str
+
+
+Action = CleanStray | Remove | Install | Refuse
+
+
+def plan(wanted: Iterable[Wanted], observed: Observed, keep_old: int = 1) -> list[Action]:
+    """The actions that bring one app's installs in line with its intent.
+
+    Order matters: leftovers first, then garbage (it frees disk space for the
+    downloads), then installs, the active version before the prepared ones.
+    Nothing at all when everything is in place.
+    """
+    by_version = {w.version: w for w in wanted}
+    actions: list[Action] = [CleanStray(name) for name in sorted(observed.strays)]
+    actions.extend(_garbage(by_version, observed, keep_old))
+    for want in sorted(by_version.values(), key=lambda w: (not w.active, w.version)):
+        present = observed.installs.get(want.version)
+        if present is not None and present.sha256 == want.sha256:
+            continue
+        if want.url is None:
+            actions.append(
+                Refuse(want.version, "the version has no url and pp-preparer has no --repo")
+            )
+        elif present is not None and want.version == observed.current:
+            actions.append(Refuse(want.version, _running_mismatch(present, want)))
+        else:
+            actions.append(Install(want.version, want.sha256, want.url, present is not None))
+    return actions
+
+
+def _garbage(wanted: Mapping[str, Wanted], observed: Observed, keep_old: int) -> list[Remove]:
+    """Installs no longer wanted, except what ``current`` runs and the ``keep_old``
+    most recent complete ones (``previous`` first), so rollback stays instant."""
+    protected = set(wanted)
+    if observed.current is not None:
+        protected.add(observed.current)
+    old = [p for v, p in observed.installs.items() if v not in protected]
+    candidates = sorted(
+        (p for p in old if p.sha256 is not None),
+        key=lambda p: (p.version != observed.previous, -(p.installed_at or 0.0), p.version),
+    )
+    kept = {p.version for p in candidates[: max(0, keep_old)]}
+    return [
+        Remove(p.version, "incomplete" if p.sha256 is None else "no longer in the intent")
+        for p in sorted(old, key=lambda p: p.version)
+        if p.version not in kept
+    ]
+
+
+def _running_mismatch(present: Present, want: Wanted) -> str:
+    found = "has no completion marker" if present.sha256 is None else f"has sha256 {present.sha256}"
+    return (
+        f"the installed copy {found} but the intent says {want.sha256}, and it is what "
+        "runs now (current), so it is not replaced under the running app: publish the new "
+        "bytes as a new version"
+    )

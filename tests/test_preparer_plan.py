@@ -1,0 +1,212 @@
+"""The preparer's planner: plain data in, actions out, no disk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.preparer.plan import (
+    Action,
+    CleanStray,
+    Install,
+    Observed,
+    Present,
+    Refuse,
+    Remove,
+    Wanted,
+    plan,
+)
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def url(version: str) -> str:
+    return f"file:///repo/app/app_{version}.tar.gz"
+
+
+def want(version: str, sha: str = A, active: bool = False, has_url: bool = True) -> Wanted:
+    return Wanted(version, sha, url(version) if has_url else None, active)
+
+
+def present(version: str, sha: str | None = A, at: float | None = 1.0) -> Present:
+    return Present(version, sha, at)
+
+
+def observed(*installs: Present, current: str | None = None, previous: str | None = None,
+             strays: Iterable[str] = ()) -> Observed:  # fmt: skip
+    return Observed({p.version: p for p in installs}, current, previous, tuple(strays))
+
+
+def test_nothing_to_do_when_every_wanted_version_is_installed_with_its_sha() -> None:
+    wanted = [want("1.0", active=True), want("2.0", B)]
+    assert plan(wanted, observed(present("1.0"), present("2.0", B), current="1.0")) == []
+
+
+def test_missing_versions_are_installed_active_first() -> None:
+    wanted = [want("2.0", B), want("1.0", active=True), want("0.9", C)]
+    assert plan(wanted, observed()) == [
+        Install("1.0", A, url("1.0"), replace=False),
+        Install("0.9", C, url("0.9"), replace=False),
+        Install("2.0", B, url("2.0"), replace=False),
+    ]
+
+
+def test_a_directory_without_marker_is_not_an_install_and_is_replaced() -> None:
+    actions = plan([want("1.0", active=True)], observed(present("1.0", sha=None)))
+    assert actions == [Install("1.0", A, url("1.0"), replace=True)]
+
+
+def test_an_install_with_another_sha_is_replaced_when_it_is_not_running() -> None:
+    actions = plan([want("1.0", B)], observed(present("1.0", A), current="0.9"))
+    assert actions == [Install("1.0", B, url("1.0"), replace=True)]
+
+
+def test_the_running_install_is_never_replaced_under_the_app() -> None:
+    actions = plan([want("1.0", B, active=True)], observed(present("1.0", A), current="1.0"))
+    assert len(actions) == 1
+    assert isinstance(actions[0], Refuse) and actions[0].version == "1.0"
+    assert "current" in actions[0].reason and B in actions[0].reason
+
+
+def test_a_version_without_url_or_repo_is_refused_with_a_reason() -> None:
+    (action,) = plan([want("1.0", has_url=False)], observed())
+    assert isinstance(action, Refuse)
+    assert "--repo" in action.reason
+
+
+def test_crash_leftovers_are_cleaned_first() -> None:
+    actions = plan([want("1.0")], observed(strays=[".pp-tmp-app_1.0.ab12"]))
+    assert actions[0] == CleanStray(".pp-tmp-app_1.0.ab12")
+    assert isinstance(actions[1], Install)
+
+
+def test_old_versions_are_removed_keeping_current_and_previous() -> None:
+    state = observed(
+        present("1.0", at=1), present("2.0", at=2), present("3.0", at=3), present("4.0", at=4),
+        current="3.0", previous="2.0",
+    )  # fmt: skip
+    actions = plan([want("5.0")], state, keep_old=1)
+    assert actions == [
+        Remove("1.0", "no longer in the intent"),
+        Remove("4.0", "no longer in the intent"),
+        Install("5.0", A, url("5.0"), replace=False),
+    ]
+
+
+def test_keep_old_zero_keeps_only_wanted_and_current() -> None:
+    state = observed(present("1.0"), present("2.0"), current="2.0", previous="1.0")
+    assert plan([want("3.0")], state, keep_old=0) == [
+        Remove("1.0", "no longer in the intent"),
+        Install("3.0", A, url("3.0"), replace=False),
+    ]
+
+
+def test_keep_old_beyond_previous_keeps_the_most_recently_installed() -> None:
+    state = observed(
+        present("1.0", at=10), present("2.0", at=30), present("3.0", at=20),
+        present("4.0", at=40), current="4.0", previous="1.0",
+    )  # fmt: skip
+    actions = plan([want("4.0")], state, keep_old=2)
+    assert actions == [Remove("3.0", "no longer in the intent")]
+
+
+def test_incomplete_old_installs_are_removed_even_when_previous_points_at_them() -> None:
+    state = observed(present("1.0", sha=None), present("2.0"), current="2.0", previous="1.0")
+    assert plan([want("2.0")], state, keep_old=5) == [Remove("1.0", "incomplete")]
+
+
+def test_current_is_kept_even_when_no_version_is_wanted() -> None:
+    state = observed(present("1.0"), present("2.0"), current="2.0", previous="1.0")
+    assert plan([], state, keep_old=0) == [Remove("1.0", "no longer in the intent")]
+
+
+def test_previous_that_is_wanted_again_does_not_use_the_keep_old_slot() -> None:
+    state = observed(
+        present("1.0", at=1), present("2.0", at=2), present("3.0", at=3),
+        current="3.0", previous="1.0",
+    )  # fmt: skip
+    # 1.0 is wanted (a prepared rollback), so the one old slot goes to 2.0.
+    assert plan([want("1.0"), want("3.0")], state, keep_old=1) == []
+
+
+# -- properties over many generated cases -----------------------------------------------
+
+versions = st.sampled_from(["1.0", "1.1", "2.0", "2.1", "3.0", "10.0"])
+shas = st.sampled_from([A, B, C])
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[Wanted], Observed, int]:
+    wanted_versions = draw(st.lists(versions, unique=True, max_size=4))
+    active = draw(st.sampled_from([None, *wanted_versions]))
+    wanted = [
+        Wanted(v, draw(shas), draw(st.sampled_from([url(v), url(v), None])), v == active)
+        for v in wanted_versions
+    ]
+    present_versions = draw(st.lists(versions, unique=True, max_size=6))
+    installs = {
+        v: Present(v, draw(st.one_of(st.none(), shas)), draw(st.floats(0, 100)))
+        for v in present_versions
+    }
+    links = st.one_of(st.none(), versions)
+    strays = draw(st.lists(st.sampled_from([".pp-tmp-app_1.0.aa", ".pp-tmp-app_2.0.bb"]),
+                           unique=True))  # fmt: skip
+    state = Observed(installs, draw(links), draw(links), tuple(strays))
+    return wanted, state, draw(st.integers(0, 3))
+
+
+def simulate(state: Observed, actions: list[Action]) -> Observed:
+    """What the disk looks like after the actions succeed."""
+    installs = dict(state.installs)
+    for action in actions:
+        if isinstance(action, Remove):
+            del installs[action.version]
+        elif isinstance(action, Install):
+            installs[action.version] = Present(action.version, action.sha256, 1000.0)
+    return Observed(installs, state.current, state.previous, ())
+
+
+@settings(max_examples=2000)
+@given(scenarios())
+def test_plan_properties(scenario: tuple[list[Wanted], Observed, int]) -> None:
+    wanted, state, keep_old = scenario
+    actions = plan(wanted, state, keep_old)
+    by_version = {w.version: w for w in wanted}
+    removed = {a.version for a in actions if isinstance(a, Remove)}
+    touched = [a.version for a in actions if isinstance(a, Install | Refuse)]
+
+    # Never removes what runs or what is wanted; removes only what exists.
+    assert state.current not in removed
+    assert not removed & set(by_version)
+    assert removed <= set(state.installs)
+    # Each wanted version is in place, or has exactly one install/refusal.
+    assert len(touched) == len(set(touched))
+    for version, w in by_version.items():
+        found = state.installs.get(version)
+        in_place = found is not None and found.sha256 == w.sha256
+        assert in_place != (version in touched)
+        if not in_place and (w.url is None or (found is not None and version == state.current)):
+            assert any(isinstance(a, Refuse) and a.version == version for a in actions)
+    # Leftovers first, garbage before installs, active version first among installs.
+    kinds = [type(a).__name__ for a in actions]
+    order = {"CleanStray": 0, "Remove": 1, "Install": 2, "Refuse": 2}
+    assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
+    assert [a.name for a in actions if isinstance(a, CleanStray)] == sorted(state.strays)
+    installs = [a for a in actions if isinstance(a, Install | Refuse)]
+    if installs and any(by_version[a.version].active for a in installs):
+        assert by_version[installs[0].version].active
+    # Exactly the keep_old best old complete installs survive.
+    old_complete = [
+        p for v, p in state.installs.items()
+        if v not in by_version and v != state.current and p.sha256 is not None
+    ]  # fmt: skip
+    kept = [p for p in old_complete if p.version not in removed]
+    assert len(kept) == min(keep_old, len(old_complete))
+    if keep_old and any(p.version == state.previous for p in old_complete):
+        assert state.previous in {p.version for p in kept}
+    # Applying the plan converges: planning again finds only the refusals.
+    again = plan(wanted, simulate(state, actions), keep_old)
+    assert all(isinstance(a, Refuse) for a in again)
+    assert again == [a for a in actions if isinstance(a, Refuse)]

@@ -1,0 +1,138 @@
+"""The ``pp-preparer`` command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agents import entrypoint
+from agents.pack import artifact_url
+from agents.preparer.agent import Preparer
+from agents.preparer.apply import Settings
+from agents.system.archive import Limits
+from agents.system.fetch import FetchError, FetchOptions, check_url
+from agents.system.signing import SignatureError, load_trusted_keys
+from intent.store import IntentStore
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+class ByteSize(click.ParamType[int, Any]):
+    """A size in bytes: ``1073741824``, ``512M``, ``4G`` or ``4GiB`` (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return int(value)
+        match = _SIZE.match(str(value))
+        if match is None:
+            self.fail(f"{value!r} is not a size (examples: 1048576, 512M, 4G)", param, ctx)
+        number, unit = int(match.group(1)), match.group(2).lower()
+        return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+@click.command("pp-preparer")
+@entrypoint.common_options
+@click.option(
+    "--repo",
+    envvar="PP_REPO",
+    default=None,
+    help="Artifact repository for versions without a url: file:///path, /path, "
+    "http(s)://host/path or s3://bucket/prefix; artifacts are "
+    "<repo>/<app>/<app>_<version>.tar.gz.",
+)
+@click.option(
+    "--trusted-keys",
+    envvar="PP_TRUSTED_KEYS",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of Ed25519 public keys: every artifact then needs a detached "
+    "<artifact>.sig made by one of them.",
+)
+@click.option(
+    "--max-install-bytes",
+    type=ByteSize(),
+    default="4G",
+    show_default=True,
+    help="Largest total size an artifact may extract to (decompression bombs).",
+)
+@click.option(
+    "--max-install-files",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Most entries an artifact may hold.",
+)
+@click.option(
+    "--min-free-bytes",
+    type=ByteSize(),
+    default="0",
+    show_default=True,
+    help="Free space to leave on the install file system after a download.",
+)
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Apps fetched and installed at the same time.",
+)
+@click.option(
+    "--keep-old",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Old installs kept for rollback besides the wanted ones and current "
+    "(previous first, then the most recent).",
+)
+@click.option(
+    "--fetch-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds to connect, and to wait for each read.",
+)
+@click.option(
+    "--fetch-attempts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Tries per download before the version is reported as failed.",
+)
+def main(**params: Any) -> None:
+    """Fetch, verify and install every version the intent names for this node."""
+    common = entrypoint.pop_common(params)
+    repo: str | None = params["repo"]
+    if repo:
+        try:
+            check_url(artifact_url(repo, "app", "1"))
+        except FetchError as exc:
+            entrypoint.fail(f"--repo {repo}: {exc}")
+    trusted = None
+    if params["trusted_keys"] is not None:
+        try:
+            trusted = load_trusted_keys(params["trusted_keys"])
+        except SignatureError as exc:
+            entrypoint.fail(str(exc))
+    settings = Settings(
+        fetch=FetchOptions(
+            timeout_s=params["fetch_timeout"],
+            attempts=params["fetch_attempts"],
+            min_free_bytes=params["min_free_bytes"],
+        ),
+        limits=Limits(params["max_install_bytes"], params["max_install_files"]),
+        trusted_keys=trusted,
+    )
+
+    def build(store: IntentStore) -> Preparer:
+        return Preparer(settings, repo, params["keep_old"], store, common.node)
+
+    entrypoint.run(common, build, max_parallel=params["max_parallel"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""pp-preparer: every version the intent names for this node, installed and verified.
+
+It fetches, verifies and extracts; it never starts or stops anything. Per app:
+observe what is under ``<basedir>/installs``, plan, apply, and report each
+version's state to ``reality/<node>/preparer/<app>``.
+
+Apps no longer assigned to the node keep their installs: pp-setlive stops
+them, and deleting files of an app that may come back (or that an operator is
+inspecting) is not the preparer's call. Garbage collection therefore works only
+inside the basedirs of assigned apps; an unassigned app's report is cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agents.pack import artifact_url
+from agents.preparer import apply
+from agents.preparer.observe import observe
+from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
+from agents.runtime import Agent, Outcome
+from agents.system.layout import AppLayout
+from intent.model import Reality
+from intent.store import AppIntent, IntentStore, StoreError
+
+log = structlog.get_logger()
+
+
+class Preparer(Agent):
+    name = "preparer"
+
+    def __init__(
+        self,
+        settings: apply.Settings,
+        repo: str | None = None,
+        keep_old: int = 1,
+        store: IntentStore | None = None,
+        node: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.keep_old = keep_old
+        self.store = store
+        self.node = node
+        self.clock = clock
+        self._conflicts: dict[str, str] = {}
+        self._last_success: dict[str, float] = {}
+
+    # -- the runtime's hooks ----------------------------------------------------------------
+
+    def begin_pass(self, intents: Mapping[str, AppIntent]) -> None:
+        """Two apps in one basedir would share ``current`` and garbage-collect each
+        other's installs: refuse both rather than guess."""
+        by_basedir: dict[str, list[str]] = {}
+        for app, intent in intents.items():
+            if intent.deploy is not None:
+                by_basedir.setdefault(intent.deploy.basedir, []).append(app)
+        self._conflicts = {
+            app: (
+                f"basedir {basedir} is also the basedir of "
+                f"{', '.join(a for a in apps if a != app)}; give each app its own basedir "
+                "in deploy_config"
+            )
+            for basedir, apps in by_basedir.items()
+            if len(apps) > 1
+            for app in apps
+        }
+
+    def converge(self, intent: AppIntent) -> Outcome:
+        assert intent.config is not None and intent.deploy is not None
+        app, config, deploy = intent.app, intent.config, intent.deploy
+        active = config.active_version
+        if app in self._conflicts:
+            return Outcome.failed(self._conflicts[app], active)
+        try:
+            owner = _owner(deploy.run_as)
+        except KeyError:
+            return Outcome.failed(
+                f"run_as user {deploy.run_as!r} does not exist on this host: create it or "
+                "change run_as in deploy_config",
+                active,
+            )
+        layout = AppLayout(Path(deploy.basedir), app)
+        try:
+            layout.installs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return Outcome.failed(f"cannot create {layout.installs}: {exc.strerror}", active)
+        wanted = [
+            Wanted(
+                version,
+                spec.sha256,
+                spec.url or (artifact_url(self.repo, app, version) if self.repo else None),
+                spec.state == "active",
+            )
+            for version, spec in config.versions.items()
+        ]
+        with apply.exclusive(layout.installs) as ours:
+            if not ours:
+                return Outcome.converging(
+                    f"another pp-preparer is working in {layout.installs}", active
+                )
+            return self._converge_locked(app, active, layout, wanted, owner)
+
+    def unmanaged(self, assigned: Collection[str]) -> list[str]:
+        """Apps whose report is still in ``reality/`` though no longer assigned, so the
+        runtime clears it; their files stay (see the module's docstring)."""
+        if self.store is None or self.node is None:
+            return []
+        try:
+            reports = self.store.reality(node=self.node)
+        except StoreError:
+            return []
+        return sorted({r.app for r in reports if r.agent == self.name} - set(assigned))
+
+    def remove(self, app: str) -> Outcome:
+        return Outcome.converged()
+
+    # -- one app ----------------------------------------------------------------------------
+
+    def _converge_locked(
+        self,
+        app: str,
+        active: str | None,
+        layout: AppLayout,
+        wanted: list[Wanted],
+        owner: tuple[int, int] | None,
+    ) -> Outcome:
+        bound = log.bind(app=app)
+        actions = plan(wanted, observe(layout), self.keep_old)
+        states = {w.version: "installed" for w in wanted}
+        problems: list[str] = []
+        pending = [a.version for a in actions if isinstance(a, Install)]
+        if pending:
+            self._progress(app, active, {**states, **dict.fromkeys(pending, "fetching")})
+        for action in actions:
+            if isinstance(action, CleanStray):
+                try:
+                    apply.remove_tree(layout.installs / action.name)
+                except OSError as exc:
+                    bound.warning("install.stray_kept", name=action.name, error=str(exc))
+                    continue
+                bound.info("install.stray_removed", name=action.name)
+            elif isinstance(action, Remove):
+                try:
+                    apply.remove(layout, action.version)
+                except OSError as exc:
+                    problems.append(f"cannot remove old install {action.version}: {exc}")
+                    continue
+                bound.info("install.removed", version=action.version, reason=action.reason)
+            elif isinstance(action, Refuse):
+                states[action.version] = f"error: {action.reason}"
+                problems.append(f"{action.version}: {action.reason}")
+            else:
+                started = time.monotonic()
+                try:
+                    done = apply.install(layout, action, self.settings, owner)
+                except apply.ApplyError as exc:
+                    states[action.version] = f"error: {exc}"
+                    problems.append(f"{action.version}: {exc}")
+                    bound.error("install.failed", version=action.version, error=str(exc))
+                    continue
+                states[action.version] = "installed"
+                bound.info(
+                    "install.done",
+                    version=action.version,
+                    seconds=round(time.monotonic() - started, 3),
+                    downloaded=done.bytes_downloaded,
+                    files=done.files,
+                    extracted=done.bytes_extracted,
+                    signed_by=done.signed_by,
+                )
+        if not problems:
+            self._last_success[app] = self.clock()
+        details: dict[str, Any] = {
+            "versions": states,
+            "last_success": self._last_success.get(app),
+        }
+        if problems:
+            return Outcome.failed("; ".join(problems), active, **details)
+        return Outcome.converged(active, **details)
+
+    def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
+        """Say 'fetching' while a long download runs (the runtime reports only after)."""
+        if self.store is None or self.node is None:
+            return
+        report = Reality(
+            node=self.node,
+            agent=self.name,
+            app=app,
+            status="converging",
+            version=active,
+            details={"versions": states, "last_success": self._last_success.get(app)},
+        )
+        # Reality is best effort; the runtime's final report follows anyway.
+        with contextlib.suppress(StoreError):
+            self.store.write_reality(report)
+
+
+def _owner(run_as: str) -> tuple[int, int] | None:
+    """Whom installed files belong to: ``run_as`` when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam(run_as)
+    return entry.pw_uid, entry.pw_gid

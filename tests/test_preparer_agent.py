@@ -1,0 +1,414 @@
+"""pp-preparer end to end: the real command, a real embedded store, real artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from preparer_support import (
+    VENV_BIN,
+    ArtifactServer,
+    Behaviour,
+    artifact_server,
+    member,
+    put_app,
+    tree_tarball,
+    wait_for,
+    write_tar,
+)
+
+from agents.preparer.agent import Preparer
+from agents.preparer.apply import Settings
+from agents.runtime import Runtime, RuntimeOptions
+from agents.system.archive import Limits
+from agents.system.fetch import FetchOptions
+from agents.system.layout import AppLayout
+from agents.system.signing import sign
+from intent import keys
+from intent.model import Reality
+from intent.store import IntentStore
+from intent.store.sqlite import SqliteStore
+
+NODE = "web1"
+BAD_SHA = "0" * 64
+
+
+class World:
+    """A node's world: a store, an artifact repo served over loopback HTTP, basedirs."""
+
+    def __init__(self, root: Path, server: ArtifactServer) -> None:
+        self.root = root
+        self.db = root / "intent.db"
+        self.store = IntentStore(SqliteStore(self.db))
+        self.repo = server.root
+        self.server = server
+        self.srv = root / "srv"
+
+    def publish(self, app: str, version: str, files: dict[str, bytes] | None = None) -> str:
+        (self.repo / app).mkdir(parents=True, exist_ok=True)
+        files = files or {"VERSION": version.encode(), "bin/run": b"#!/bin/sh\nexit 0\n"}
+        return tree_tarball(self.repo / app / f"{app}_{version}.tar.gz", files)
+
+    def assign(self, app: str, versions: dict[str, dict[str, Any]], **deploy: Any) -> None:
+        put_app(self.store, NODE, app, self.srv / app, versions, **deploy)
+
+    def layout(self, app: str) -> AppLayout:
+        return AppLayout(self.srv / app, app)
+
+    def run(self, *extra: str, check: int | None = 0, timeout: float = 60) -> str:
+        result = subprocess.run(
+            [str(VENV_BIN / "pp-preparer"), *self.args(), *extra],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check is not None:
+            assert result.returncode == check, result.stderr
+        return result.stderr
+
+    def args(self) -> list[str]:
+        return [
+            "--store", f"sqlite://{self.db}", "--node", NODE, "--once", "--log-format", "json",
+            "--repo", self.server.url, "--fetch-timeout", "1", "--fetch-attempts", "2",
+        ]  # fmt: skip
+
+    def report(self, app: str) -> Reality:
+        (report,) = [r for r in self.store.reality(node=NODE, app=app) if r.agent == "preparer"]
+        return report
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with artifact_server(repo) as server:
+        yield World(tmp_path, server)
+
+
+def active(sha: str) -> dict[str, str]:
+    return {"state": "active", "sha256": sha}
+
+
+def prep(sha: str) -> dict[str, str]:
+    return {"state": "prep", "sha256": sha}
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Identity and times of every entry: any write, create or delete changes it."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            state[str(path)] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    return state
+
+
+# -- installing ---------------------------------------------------------------------------
+
+
+def test_once_installs_every_version_of_every_assigned_app(world: World) -> None:
+    hello = {v: world.publish("hello", v) for v in ("1.0", "1.1")}
+    world.assign("hello", {"1.0": active(hello["1.0"]), "1.1": prep(hello["1.1"])})
+    other = world.publish("other", "7")
+    world.assign("other", {"7": active(other)})
+
+    world.run()
+
+    for app, shas in (("hello", hello), ("other", {"7": other})):
+        layout = world.layout(app)
+        for version, sha in shas.items():
+            assert layout.is_installed(version, sha)
+            assert (layout.install_dir(version) / "VERSION").read_text() == version
+        report = world.report(app)
+        assert report.status == "converged"
+        assert report.details["versions"] == dict.fromkeys(shas, "installed")
+        assert report.details["last_success"] == pytest.approx(time.time(), abs=30)
+    assert report.version == "7"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to run_as needs root")
+def test_files_belong_to_run_as_when_running_as_root(world: World) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    world.assign("hello", {"1.0": active(world.publish("hello", "1.0"))}, run_as="nobody")
+    world.run()
+    install = world.layout("hello").install_dir("1.0")
+    for path in [install, *install.rglob("*")]:
+        if path.name == ".pp-installed.json":
+            assert path.lstat().st_uid == 0  # the marker stays ours
+            continue
+        assert (path.lstat().st_uid, path.lstat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+
+
+def test_a_second_pass_with_nothing_changed_downloads_and_writes_nothing(world: World) -> None:
+    world.assign("hello", {"1.0": active(world.publish("hello", "1.0"))})
+    world.assign("other", {"2": active(world.publish("other", "2"))})
+    world.run()
+    requests = len(world.server.requests)
+    before = tree_state(world.srv)
+
+    world.run()
+
+    assert len(world.server.requests) == requests
+    assert tree_state(world.srv) == before
+
+
+def test_a_version_whose_install_lost_its_marker_is_installed_again(world: World) -> None:
+    sha = world.publish("hello", "1.0")
+    world.assign("hello", {"1.0": active(sha)})
+    world.run()
+    layout = world.layout("hello")
+    layout.marker("1.0").unlink()
+    (layout.install_dir("1.0") / "VERSION").write_text("tampered")
+    world.run()
+    assert layout.is_installed("1.0", sha)
+    assert (layout.install_dir("1.0") / "VERSION").read_text() == "1.0"
+    assert not [n for n in os.listdir(layout.installs) if n.startswith(".")]
+
+
+# -- failures stay with their version and their app ------------------------------------------
+
+
+def test_sha_mismatch_fails_that_version_only_and_other_apps_install(world: World) -> None:
+    good = world.publish("hello", "1.0")
+    world.publish("hello", "2.0")
+    world.assign("hello", {"1.0": active(good), "2.0": prep(BAD_SHA)})
+    other = world.publish("other", "1")
+    world.assign("other", {"1": active(other)})
+
+    world.run(check=1)
+
+    layout = world.layout("hello")
+    assert layout.is_installed("1.0", good)
+    assert layout.installed_versions() == ["1.0"]
+    assert os.listdir(layout.installs) == ["hello_1.0"]  # the bad bytes were discarded
+    report = world.report("hello")
+    assert report.status == "error"
+    assert report.details["versions"]["1.0"] == "installed"
+    assert report.details["versions"]["2.0"].startswith("error: sha256 mismatch")
+    assert BAD_SHA in report.details["versions"]["2.0"]
+    assert report.error is not None and report.error.startswith("2.0: sha256 mismatch")
+    assert world.layout("other").is_installed("1", other)
+    assert world.report("other").status == "converged"
+
+
+def test_a_missing_artifact_is_reported_with_its_url(world: World) -> None:
+    world.assign("hello", {"1.0": active(BAD_SHA)})
+    world.run(check=1)
+    state = world.report("hello").details["versions"]["1.0"]
+    assert f"{world.server.url}/hello/hello_1.0.tar.gz: HTTP 404" in state
+
+
+def test_bad_intent_for_one_app_removes_nothing_and_blocks_nothing(world: World) -> None:
+    sha = world.publish("hello", "1.0")
+    world.assign("hello", {"1.0": active(sha)})
+    world.run()
+    world.store.put_json(keys.config("hello", "prod"), {"versions": {"1.0": {"state": "live"}}})
+    other = world.publish("other", "1")
+    world.assign("other", {"1": active(other)})
+
+    world.run(check=1)
+
+    assert world.layout("hello").is_installed("1.0", sha)
+    assert world.report("hello").status == "error"
+    assert "clusters/hello/prod/config" in (world.report("hello").error or "")
+    assert world.layout("other").is_installed("1", other)
+
+
+def test_bad_intent_holds_the_last_good_intent_in_a_running_agent(world: World) -> None:
+    sha = world.publish("hello", "1.0")
+    world.assign("hello", {"1.0": active(sha)})
+    preparer = in_process(world)
+    runtime = Runtime(preparer, world.store, RuntimeOptions(node=NODE))
+    assert runtime.run_pass(force=True)
+    world.store.put_json(keys.config("hello", "prod"), "not an object")
+    assert not runtime.run_pass(force=True)
+    report = world.report("hello")
+    assert report.status == "error" and report.details.get("held_last_good") is True
+    assert world.layout("hello").is_installed("1.0", sha)
+
+
+def test_two_apps_sharing_a_basedir_are_both_refused(world: World) -> None:
+    world.assign("a", {"1": active(world.publish("a", "1"))})
+    world.store.put_json(keys.node_app(NODE, "b"), {"cluster": "prod"})
+    world.store.put_json(
+        keys.config("b", "prod"), {"versions": {"1": active(world.publish("b", "1"))}}
+    )
+    world.store.put_json(keys.deploy_config("b", "prod"), {"basedir": str(world.srv / "a")})
+    world.run(check=1)
+    for app in ("a", "b"):
+        assert "give each app its own basedir" in (world.report(app).error or "")
+    assert not (world.srv / "a").exists()
+
+
+def test_a_stalled_server_does_not_block_the_other_apps(world: World) -> None:
+    slow = world.publish("slow", "1")
+    fast = world.publish("fast", "1")
+    world.assign("slow", {"1": active(slow)})
+    world.assign("fast", {"1": active(fast)})
+    world.server.behaviours["/slow/slow_1.tar.gz"] = Behaviour(stall_s=30, stall_times=99)
+    preparer = in_process(world, FetchOptions(timeout_s=2, attempts=1))
+    runtime = Runtime(preparer, world.store, RuntimeOptions(node=NODE, max_parallel=2))
+    passing = threading.Thread(target=runtime.run_pass, kwargs={"force": True})
+    passing.start()
+    try:
+        wait_for(lambda: world.layout("fast").is_installed("1", fast), timeout_s=1.5)
+        # While the slow download hangs, its report already says so.
+        assert world.report("slow").details["versions"] == {"1": "fetching"}
+        assert passing.is_alive()
+    finally:
+        passing.join(10)
+    assert "timed out" in world.report("slow").details["versions"]["1"]
+
+
+# -- crash safety ---------------------------------------------------------------------------
+
+
+def test_sigkill_mid_extraction_never_shows_a_half_install_and_restart_completes(
+    world: World,
+) -> None:
+    (world.repo / "big").mkdir()
+    members = [member(f"d{i % 50}/f{i}", b"x" * 200) for i in range(20_000)]
+    sha = write_tar(world.repo / "big" / "big_1.0.tar.gz", members)
+    world.assign("big", {"1.0": active(sha)})
+    layout = world.layout("big")
+    final = layout.install_dir("1.0")
+
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "pp-preparer"), *world.args()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        extracting = None
+        deadline = time.monotonic() + 30
+        while extracting is None and time.monotonic() < deadline:
+            assert not final.exists() or layout.read_marker("1.0") is not None
+            if layout.installs.is_dir():
+                for name in os.listdir(layout.installs):
+                    work = layout.installs / name
+                    if work.is_dir() and name.startswith(".pp-tmp-") and len(os.listdir(work)) > 5:
+                        extracting = work
+            assert proc.poll() is None, "finished before it could be killed: use more files"
+        assert extracting is not None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    assert not final.exists(), "a half install is visible under its final name"
+    assert extracting.exists()
+
+    world.run()
+
+    assert layout.is_installed("1.0", sha)
+    assert sum(1 for _ in final.rglob("f*")) == 20_000
+    assert os.listdir(layout.installs) == ["big_1.0"]
+
+
+def test_stray_temporary_entries_are_cleaned_on_start(world: World) -> None:
+    sha = world.publish("hello", "1.0")
+    world.assign("hello", {"1.0": active(sha)})
+    installs = world.layout("hello").installs
+    (installs / ".pp-tmp-hello_1.0.dead/sub").mkdir(parents=True)
+    (installs / ".pp-tmp-hello_0.9.beef.download").write_bytes(b"partial")
+    world.run()
+    assert sorted(os.listdir(installs)) == ["hello_1.0"]
+
+
+# -- garbage collection ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("keep_old", "kept"), [(1, ["2.0", "3.0"]), (0, ["3.0"]),
+                                               (2, ["1.0", "2.0", "3.0"])])  # fmt: skip
+def test_old_installs_are_collected_keeping_current_and_previous(
+    world: World, keep_old: int, kept: list[str]
+) -> None:
+    shas = {v: world.publish("hello", v) for v in ("1.0", "2.0", "3.0")}
+    world.assign("hello", {v: prep(s) for v, s in shas.items()})
+    world.run()
+    layout = world.layout("hello")
+    # What setlive would have done: 3.0 runs, 2.0 ran before it.
+    os.symlink("installs/hello_3.0", layout.current)
+    os.symlink("installs/hello_2.0", layout.previous)
+    world.assign("hello", {"4.0": prep(world.publish("hello", "4.0"))})
+
+    world.run("--keep-old", str(keep_old))
+
+    assert layout.installed_versions() == [*kept, "4.0"]
+
+
+def test_an_unassigned_app_keeps_its_installs_and_loses_its_report(world: World) -> None:
+    sha = world.publish("hello", "1.0")
+    world.assign("hello", {"1.0": active(sha)})
+    world.run()
+    world.store.delete(keys.node_app(NODE, "hello"))
+    world.run()
+    assert world.layout("hello").is_installed("1.0", sha)
+    assert world.store.reality(node=NODE, app="hello") == []
+
+
+# -- signatures ------------------------------------------------------------------------------
+
+
+def test_trusted_keys_require_a_valid_detached_signature(world: World, tmp_path: Path) -> None:
+    trusted, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    (keydir / "release.pub").write_bytes(
+        trusted.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signed, forged, unsigned = (world.publish(app, "1") for app in ("signed", "forged", "unsigned"))
+    (world.repo / "signed" / "signed_1.tar.gz.sig").write_bytes(sign(trusted, signed))
+    (world.repo / "forged" / "forged_1.tar.gz.sig").write_bytes(sign(stranger, forged))
+    for app, sha in (("signed", signed), ("forged", forged), ("unsigned", unsigned)):
+        world.assign(app, {"1": active(sha)})
+
+    world.run("--trusted-keys", str(keydir), check=1)
+
+    assert world.layout("signed").is_installed("1", signed)
+    assert "does not verify" in world.report("forged").details["versions"]["1"]
+    assert "no usable signature" in world.report("unsigned").details["versions"]["1"]
+    assert world.layout("forged").installed_versions() == []
+    assert world.layout("unsigned").installed_versions() == []
+    assert world.server.count("/unsigned/unsigned_1.tar.gz") == 0  # no signature, no download
+
+
+def test_an_unusable_trust_store_stops_the_agent_with_one_line(
+    world: World, tmp_path: Path
+) -> None:
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    (keydir / "typo.pub").write_text("not a key")
+    stderr = world.run("--trusted-keys", str(keydir), check=2)
+    assert stderr.strip().count("\n") == 0
+    assert "typo.pub" in stderr and "Traceback" not in stderr
+
+
+def test_structured_logs_name_the_install(world: World) -> None:
+    world.assign("hello", {"1.0": active(world.publish("hello", "1.0"))})
+    events = [json.loads(line) for line in world.run().splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "install.done"]
+    assert done and done[0]["app"] == "hello" and done[0]["version"] == "1.0"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def in_process(world: World, fetch: FetchOptions | None = None) -> Preparer:
+    settings = Settings(fetch or FetchOptions(timeout_s=1, attempts=1), Limits(1 << 30, 100_000))
+    return Preparer(settings, repo=world.server.url, store=world.store, node=NODE)

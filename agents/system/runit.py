@@ -167,6 +167,18 @@ def wait_supervised(service: Path, timeout_s: float, poll_s: float = 0.05) -> bo
         time.sleep(poll_s)
 
 
+def wait_down(service: Path, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Wait until runsv reports the service down and not wanted up (after ``down``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = status(service)
+        if not current.supervised or (current.state == "down" and current.want_up is False):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
 def wait_unsupervised(service: Path, timeout_s: float, poll_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while is_supervised(service):

@@ -1,0 +1,393 @@
+"""The setlive agent: observe, plan, apply for one app, with rollback and reports."""
+
+from __future__ import annotations
+
+import contextlib
+import pwd
+import signal
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from agents import health
+from agents.runtime import Agent, Outcome
+from agents.setlive import observe as obs
+from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
+from agents.setlive.plan import Desired, Observed, Plan, VersionInfo, fingerprint, plan
+from agents.setlive.retry import read_retry_token
+from agents.setlive.services import ENV_DIR, render
+from agents.setlive.state import AppState, Failure, StateDir
+from agents.system import fs, runit
+from agents.system.layout import AppLayout
+from intent.model import DeployConfig, Reality
+from intent.store import AppIntent, IntentStore, StoreError
+
+log = structlog.get_logger()
+
+MAX_ROUNDS = 3
+"""observe-plan-apply rounds per converge: the deploy, then at most a rollback."""
+
+
+class SetliveAgent(Agent):
+    name = "setlive"
+
+    def __init__(
+        self,
+        store: IntentStore,
+        node: str,
+        paths: obs.Paths,
+        *,
+        supervise_timeout_s: float = 7.0,
+        lease_ttl_s: float = 30.0,
+        health_freshness_s: float = 180.0,
+        stop: threading.Event | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.paths = paths
+        self.state = StateDir(paths.state_dir)
+        self.supervise_timeout_s = supervise_timeout_s
+        self.lease_ttl_s = lease_ttl_s
+        self.health_freshness_s = health_freshness_s
+        self.stop = stop
+        self.handle_signals = handle_signals
+        self._trackers: dict[str, health.HealthTracker] = {}
+        self._probes: dict[str, tuple[str, health.CheckResult]] = {}
+        """The check made while observing, reused for the report when nothing changed."""
+
+    # -- runtime hooks ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Remove what a crash left half-made (temp links and temp service directories)
+        and let SIGTERM cut a health gate short: runit stopping setlive must not wait a
+        whole deadline, and the pending note makes the next setlive finish the gate."""
+        if self.handle_signals and self.stop is not None:
+            self._chain_sigterm(self.stop)
+        for directory in (self.paths.runit_dir, self.paths.stage):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in directory.iterdir():
+                    if fs.is_temp(entry):
+                        if entry.is_dir() and not entry.is_symlink():
+                            runit.remove_service_dir(entry)
+                        else:
+                            entry.unlink()
+
+    @staticmethod
+    def _chain_sigterm(stop: threading.Event) -> None:
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def unmanaged(self, assigned: Collection[str]) -> list[str]:
+        apps = set(obs.staged_services(self.paths.stage).values()) | set(self.state.apps())
+        return sorted(apps - set(assigned))
+
+    def remove(self, app: str) -> Outcome:
+        for name, owner in obs.staged_services(self.paths.stage).items():
+            if owner == app:
+                try:
+                    retire(self.paths, name, self.supervise_timeout_s)
+                except runit.RunitError as exc:
+                    return Outcome.converging(f"removing {name}: {exc}")
+        self.state.remove(app)
+        self._trackers.pop(app, None)
+        return Outcome.converged()
+
+    def converge(self, intent: AppIntent) -> Outcome:
+        assert intent.config is not None and intent.deploy is not None and intent.cluster
+        problem = self._intent_problem(intent.deploy)
+        if problem:
+            return Outcome.failed(problem)
+        ctx = self._context(intent)
+        for _ in range(MAX_ROUNDS):
+            desired, observed = self._observe(intent, ctx)
+            the_plan = plan(desired, observed)
+            result = apply(the_plan, ctx)
+            gate_action = result.gate_action
+            if result.gate and not result.gate.healthy and gate_action and gate_action.deploy:
+                self._record_failure(intent, desired, observed, gate_action.version, result)
+                continue
+            return self._outcome(intent, ctx, the_plan, result, observed)
+        return Outcome.failed("internal error: no stable plan after a rollback")
+
+    # -- observe ------------------------------------------------------------------------------
+
+    def _intent_problem(self, deploy: DeployConfig) -> str | None:
+        try:
+            pwd.getpwnam(deploy.run_as)
+        except KeyError:
+            return f"deploy_config.run_as: user {deploy.run_as} does not exist on {self.node}"
+        hc = deploy.health_check
+        if hc is not None and hc.type != "exec" and hc.port is None and not deploy.ports:
+            return "deploy_config.health_check.port: not set and deploy_config.ports is empty"
+        return None
+
+    def _context(self, intent: AppIntent) -> ApplyContext:
+        deploy = intent.deploy
+        assert deploy is not None and intent.cluster is not None
+        layout = AppLayout(Path(deploy.basedir), intent.app)
+
+        def check(version: str) -> health.Check | None:
+            return self._check(intent, layout, version)
+
+        def progress(reason: str, version: str | None) -> None:
+            self._report_progress(intent.app, reason, version)
+
+        return ApplyContext(
+            app=intent.app,
+            cluster=intent.cluster,
+            node=self.node,
+            layout=layout,
+            paths=self.paths,
+            store=self.store,
+            state=self.state,
+            check=check,
+            gate=deploy.health_check or DEFAULT_GATE,
+            supervise_timeout_s=self.supervise_timeout_s,
+            lease_ttl_s=self.lease_ttl_s,
+            health_freshness_s=self.health_freshness_s,
+            progress=progress,
+            stop=self.stop,
+        )
+
+    def _check(self, intent: AppIntent, layout: AppLayout, version: str) -> health.Check | None:
+        deploy = intent.deploy
+        assert deploy is not None
+        hc = deploy.health_check
+        if hc is None:
+            return None
+        port = hc.port if hc.port is not None else (deploy.ports[0].port if deploy.ports else None)
+        env_dir = self.paths.stage / _first_service(intent, layout, version) / ENV_DIR
+        argv = [
+            "chpst",
+            "-u",
+            deploy.run_as,
+            "-e",
+            str(env_dir),
+            str(layout.install_dir(version) / "bin" / "check"),
+        ]
+        env = health.check_env() | {"PP_VERSION": version}
+        return health.build_check(hc, host="127.0.0.1", port=port, exec_argv=argv, exec_env=env)
+
+    def _observe(self, intent: AppIntent, ctx: ApplyContext) -> tuple[Desired, Observed]:
+        config, deploy = intent.config, intent.deploy
+        assert config is not None and deploy is not None and intent.cluster is not None
+        layout = ctx.layout
+        state = self.state.load(intent.app)
+        active = config.active_version
+        sha = config.versions[active].sha256 if active else None
+        desired = Desired(
+            app=intent.app,
+            version=active,
+            fingerprint=fingerprint(active, sha, deploy, config.user_config),
+            min_nodes=config.min_nodes,
+        )
+        current = layout.version_of(layout.current)
+        previous = layout.version_of(layout.previous)
+        candidates = {active, current, previous}
+        if state.failure:
+            candidates.add(state.failure.rolled_back_to)
+        if state.pending:
+            candidates.add(state.pending.from_version)
+        gid = pwd.getpwnam(deploy.run_as).pw_gid
+        versions: dict[str, VersionInfo] = {}
+        for version in sorted(v for v in candidates if v is not None):
+            if version == active:
+                installed = layout.is_installed(version, sha or "")
+            else:
+                installed = layout.read_marker(version) is not None
+            if not installed:
+                versions[version] = VersionInfo(False)
+                continue
+            entries, error = obs.launch_entries(layout.install_dir(version))
+            specs = render(
+                app=intent.app,
+                cluster=intent.cluster,
+                entries=entries,
+                deploy=deploy,
+                user_config=config.user_config,
+                stage=self.paths.stage,
+                log_root=self.paths.log_root,
+                gid=gid,
+            )
+            versions[version] = VersionInfo(True, tuple(specs), error)
+        names = {n for n, a in obs.staged_services(self.paths.stage).items() if a == intent.app}
+        names |= {s.name for info in versions.values() for s in info.services}
+        services = {name: obs.observe_service(self.paths, name) for name in sorted(names)}
+        retry_token = None
+        if state.failure is not None:
+            try:
+                retry_token = read_retry_token(self.store, self.node, intent.app)
+            except StoreError:
+                retry_token = state.failure.retry_token  # keep the mark while the store is away
+        own = [s for s in services.values() if s.owner == intent.app]
+        healthy = None
+        self._probes.pop(intent.app, None)
+        if own and all(s.status.up for s in own) and current is not None:
+            check = ctx.check(current)
+            probe = health.CheckResult(True, "runit: up (no health check)")
+            if check is not None:
+                probe = check()
+            self._probes[intent.app] = (current, probe)
+            healthy = probe.ok
+        observed = Observed(
+            current=current,
+            previous=previous,
+            versions=versions,
+            services=services,
+            pending=state.pending,
+            failure=state.failure,
+            retry_token=retry_token,
+            healthy=healthy,
+        )
+        return desired, observed
+
+    # -- failure and reports -------------------------------------------------------------------
+
+    def _record_failure(
+        self,
+        intent: AppIntent,
+        desired: Desired,
+        observed: Observed,
+        version: str,
+        result: ApplyResult,
+    ) -> None:
+        assert result.gate is not None and result.gate_action is not None
+        failure = Failure(
+            version=version,
+            fingerprint=desired.fingerprint,
+            rolled_back_to=result.gate_action.rollback_to,
+            output=result.gate.output,
+            failed_at=time.time(),
+            retry_token=observed.retry_token
+            if observed.failure
+            else self._retry_token_now(intent.app),
+        )
+        state = self.state.load(intent.app)
+        self.state.save(intent.app, replace(state, failure=failure, pending=None))
+        log.warning(
+            "setlive.rollback",
+            app=intent.app,
+            failed=version,
+            to=failure.rolled_back_to,
+            output=failure.output,
+        )
+
+    def _retry_token_now(self, app: str) -> str | None:
+        try:
+            return read_retry_token(self.store, self.node, app)
+        except StoreError:
+            return None
+
+    def _report_progress(self, app: str, reason: str, version: str | None) -> None:
+        report = Reality(
+            node=self.node,
+            agent=self.name,
+            app=app,
+            status="converging",
+            version=version,
+            error=reason,
+            details={"health": "unknown"},
+        )
+        with contextlib.suppress(StoreError):
+            self.store.write_reality(report)
+
+    def _outcome(
+        self,
+        intent: AppIntent,
+        ctx: ApplyContext,
+        the_plan: Plan,
+        result: ApplyResult,
+        observed: Observed,
+    ) -> Outcome:
+        app = intent.app
+        state: AppState = self.state.load(app)
+        tracker = self._trackers.setdefault(
+            app, health.HealthTracker(ctx.gate.healthy_threshold, ctx.gate.unhealthy_threshold)
+        )
+        services = sorted(n for n, a in obs.staged_services(self.paths.stage).items() if a == app)
+        statuses = {n: runit.status(self.paths.stage / n) for n in services}
+        version = the_plan.target
+        details: dict[str, Any] = {
+            "runit": {n: _runit_detail(s) for n, s in statuses.items()},
+            "previous": ctx.layout.version_of(ctx.layout.previous),
+            "last_switch_at": state.last_switch_at,
+        }
+        if the_plan.rolled_back_from:
+            details["rolled_back_from"] = the_plan.rolled_back_from
+
+        if result.error:
+            details["health"] = "unknown"
+            return Outcome.failed(result.error, version, **details)
+        if result.wait:
+            details["health"] = "unknown"
+            return Outcome.converging(result.wait, observed.current, **details)
+        if version is None:
+            details["health"] = "stopped"
+            if the_plan.error:
+                return Outcome.failed(the_plan.error, None, **details)
+            if the_plan.wait:
+                return Outcome.converging(the_plan.wait, None, **details)
+            return Outcome.converged(None, **details)
+
+        gate = result.gate
+        if gate is not None:
+            tracker.set("healthy" if gate.healthy else "unhealthy")
+            output = gate.output
+        else:
+            probe = self._probes.get(app)
+            if not the_plan.actions and probe is not None and probe[0] == version:
+                output, ok = probe[1].output, probe[1].ok
+            else:
+                output, ok = self._probe(ctx, version, statuses)
+            tracker.record(ok)
+        details["health"] = tracker.state
+        details["health_output"] = output
+        if the_plan.error:
+            return Outcome.failed(the_plan.error, version, **details)
+        if tracker.state != "healthy":
+            return Outcome.failed(f"{app} {version} is unhealthy: {output}", version, **details)
+        if the_plan.wait:
+            return Outcome.converging(the_plan.wait, version, **details)
+        return Outcome.converged(version, **details)
+
+    def _probe(
+        self, ctx: ApplyContext, version: str, statuses: dict[str, runit.ServiceStatus]
+    ) -> tuple[str, bool]:
+        not_up = [n for n, s in statuses.items() if not s.up]
+        if not_up or not statuses:
+            return f"runit: {', '.join(not_up) or 'no service'} not up", False
+        check = ctx.check(version)
+        if check is None:
+            return "runit: up (no health check)", True
+        result = check()
+        return result.output, result.ok
+
+
+def _first_service(intent: AppIntent, layout: AppLayout, version: str) -> str:
+    entries, _ = obs.launch_entries(layout.install_dir(version))
+    first = entries[0] if entries else None
+    return intent.app if first is None else f"{intent.app}-{first}"
+
+
+def _runit_detail(status: runit.ServiceStatus) -> dict[str, Any]:
+    if not status.supervised:
+        return {"state": "unsupervised"}
+    return {
+        "state": status.state,
+        "pid": status.pid,
+        "up_since": round(status.started_at, 1) if status.started_at else None,
+        "want": None if status.want_up is None else ("up" if status.want_up else "down"),
+    }

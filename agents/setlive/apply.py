@@ -1,0 +1,375 @@
+"""Carry a plan out on the host, step by step, through the runit and file adapters.
+
+Every step is idempotent and the steps are ordered by the planner so that a
+setlive killed between any two of them (runit restarting setlive itself is the
+common case) resumes from what it finds. Execution stops at the first step
+that must wait (a lease, runsvdir picking a service up) or fails, and at a
+failed health gate, which the agent turns into a rollback.
+
+``PP_SETLIVE_FAILPOINT=<point>`` makes setlive kill itself with SIGKILL at that
+point (``after-<step>`` for each step in kebab case, e.g. ``after-set-current``,
+or ``during-await-health``); the crash tests use it to stop at each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+
+from agents import health
+from agents.setlive.observe import Paths
+from agents.setlive.plan import (
+    AcquireLease,
+    Action,
+    AwaitHealth,
+    AwaitSupervised,
+    ClearFailure,
+    ClearPending,
+    LinkService,
+    Plan,
+    RestartService,
+    RetireService,
+    SavePending,
+    SetAutostart,
+    SetCurrent,
+    SetPrevious,
+    StageService,
+    StartService,
+    StopService,
+    healthy_peers,
+    lease_limit,
+)
+from agents.setlive.services import ENV_DIR, ServiceSpec
+from agents.setlive.state import Pending, StateDir
+from agents.system import fs, runit
+from agents.system.layout import AppLayout
+from intent.model import HealthCheck
+from intent.store import IntentStore, StoreError
+
+log = structlog.get_logger()
+
+DEFAULT_GATE = HealthCheck(type="tcp")
+"""Gate timings when the app declares no health check (only runit's uptime counts)."""
+
+
+def lease_resource(app: str, cluster: str) -> str:
+    return f"setlive/{app}/{cluster}"
+
+
+@dataclass
+class ApplyContext:
+    app: str
+    cluster: str
+    node: str
+    layout: AppLayout
+    paths: Paths
+    store: IntentStore
+    state: StateDir
+    check: Callable[[str], health.Check | None]
+    """The health check for a version (None: the app declares none)."""
+    gate: HealthCheck
+    supervise_timeout_s: float = 7.0
+    lease_ttl_s: float = 30.0
+    health_freshness_s: float = 180.0
+    progress: Callable[[str, str | None], None] = lambda reason, version: None
+    stop: threading.Event | None = None
+
+
+@dataclass
+class ApplyResult:
+    done: list[str] = field(default_factory=list)
+    gate: health.GateResult | None = None
+    gate_action: AwaitHealth | None = None
+    wait: str | None = None
+    error: str | None = None
+
+
+def failpoint(point: str) -> None:
+    if os.environ.get("PP_SETLIVE_FAILPOINT") == point:
+        log.warning("setlive.failpoint", point=point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kebab(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+
+
+class _Lease:
+    def __init__(self, ctx: ApplyContext) -> None:
+        self.ctx = ctx
+        self.resource = lease_resource(ctx.app, ctx.cluster)
+        self.limit: int | None = None
+        self._renewed = 0.0
+
+    def acquire(self, min_nodes: int) -> str | None:
+        """Take a restart slot; returns why not when it cannot."""
+        ctx = self.ctx
+        try:
+            cluster_nodes = [n for n, c in ctx.store.nodes_of(ctx.app).items() if c == ctx.cluster]
+            reports = [r for r in ctx.store.reality(app=ctx.app) if r.agent == "setlive"]
+            peers = healthy_peers(
+                reports, cluster_nodes, ctx.node, time.time(), ctx.health_freshness_s
+            )
+            limit = lease_limit(peers + 1, min_nodes)
+            where = f"{ctx.app}/{ctx.cluster}"
+            if limit < 1:
+                return (
+                    f"waiting to restart: {peers + 1} healthy node(s) of {where}, "
+                    f"min_nodes {min_nodes}"
+                )
+            if not ctx.store.acquire_lease(self.resource, ctx.node, limit, ctx.lease_ttl_s):
+                holders = ", ".join(ctx.store.lease_holders(self.resource)) or "?"
+                return (
+                    f"waiting for a restart lease on {where} ({limit} at a time, held by {holders})"
+                )
+        except StoreError as exc:
+            return f"waiting for the store to grant a restart lease: {exc}"
+        self.limit, self._renewed = limit, time.monotonic()
+        return None
+
+    def keepalive(self) -> None:
+        if self.limit is None or time.monotonic() - self._renewed < self.ctx.lease_ttl_s / 3:
+            return
+        with contextlib.suppress(StoreError):
+            self.ctx.store.acquire_lease(
+                self.resource, self.ctx.node, self.limit, self.ctx.lease_ttl_s
+            )
+            self._renewed = time.monotonic()
+
+    def release(self) -> None:
+        if self.limit is None:
+            return
+        with contextlib.suppress(StoreError):
+            self.ctx.store.release_lease(self.resource, self.ctx.node)
+        self.limit = None
+
+
+def apply(plan: Plan, ctx: ApplyContext) -> ApplyResult:
+    result = ApplyResult()
+    lease = _Lease(ctx)
+    fresh: dict[str, float] = {}
+    """Services started in this run, with the time before: the gate counts only newer processes."""
+    try:
+        for action in plan.actions:
+            stop_here = _step(action, ctx, lease, fresh, result)
+            result.done.append(type(action).__name__)
+            if stop_here:
+                return result
+            failpoint("after-" + _kebab(type(action).__name__))
+    except runit.RunitError as exc:
+        result.error = f"runit: {exc}"
+    except OSError as exc:
+        result.error = f"{exc.filename or ctx.app}: {exc.strerror or exc}"
+    finally:
+        lease.release()
+    return result
+
+
+def _step(
+    action: Action,
+    ctx: ApplyContext,
+    lease: _Lease,
+    fresh: dict[str, float],
+    result: ApplyResult,
+) -> bool:
+    """Run one step; True when execution must stop here (waiting or a failed gate)."""
+    stage = ctx.paths.stage
+    match action:
+        case ClearFailure():
+            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), failure=None))
+        case AcquireLease(min_nodes=min_nodes):
+            result.wait = lease.acquire(min_nodes)
+            return result.wait is not None
+        case RetireService(name=name):
+            retire(ctx.paths, name, ctx.supervise_timeout_s)
+        case StageService(spec=spec, new=new):
+            stage_service(stage, spec, new)
+        case SavePending(target=target, from_version=from_version):
+            pending = Pending(target, from_version, time.time())
+            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=pending))
+        case SetPrevious(version=version):
+            fs.symlink_atomic(_relative_install(ctx.layout, version), ctx.layout.previous)
+        case SetCurrent(version=version):
+            now = time.time()
+            fs.symlink_atomic(_relative_install(ctx.layout, version), ctx.layout.current)
+            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), last_switch_at=now))
+            log.info("setlive.switched", app=ctx.app, version=version)
+        case LinkService(name=name):
+            runit.link(stage / name, ctx.paths.runit_dir, name)
+        case AwaitSupervised(name=name):
+            if not runit.wait_supervised(stage / name, ctx.supervise_timeout_s):
+                result.wait = (
+                    f"waiting for runsvdir to supervise {name} "
+                    f"(is runsvdir running on {ctx.paths.runit_dir}?)"
+                )
+                return True
+        case StartService(name=name):
+            fresh.setdefault(name, time.time())
+            runit.up(stage / name)
+        case RestartService(name=name):
+            fresh[name] = time.time()
+            runit.restart(stage / name)
+        case StopService(name=name):
+            runit.down(stage / name)
+            if not runit.wait_down(stage / name, ctx.supervise_timeout_s):
+                result.wait = f"waiting for {name} to stop"
+                return True
+        case SetAutostart(name=name, on=on):
+            runit.set_down_file(stage / name, not on)
+        case AwaitHealth():
+            result.gate_action = action
+            result.gate = gate(action, ctx, lease, fresh)
+            if ctx.stop is not None and ctx.stop.is_set() and not result.gate.healthy:
+                # Not a verdict: the pending note makes the next setlive gate it again.
+                result.gate, result.gate_action = None, None
+                result.wait = f"stopped during the health gate of {action.version}"
+            return result.wait is not None or result.gate is None or not result.gate.healthy
+        case ClearPending():
+            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=None))
+    return False
+
+
+def _relative_install(layout: AppLayout, version: str) -> str:
+    # Relative, so the links stay right if the basedir is moved or mounted elsewhere.
+    return os.path.relpath(layout.install_dir(version), layout.basedir)
+
+
+def gate(
+    action: AwaitHealth, ctx: ApplyContext, lease: _Lease, fresh: dict[str, float]
+) -> health.GateResult:
+    spec = ctx.gate
+    ctx.progress(
+        f"switched to {action.version}: waiting up to {spec.deadline_s:g}s for it to be healthy",
+        action.version,
+    )
+    first = [True]
+
+    def liveness() -> health.Liveness:
+        if first[0]:
+            first[0] = False
+            failpoint("during-await-health")
+        states = {n: runit.status(ctx.paths.stage / n) for n in action.services}
+        not_up = [
+            n
+            for n, s in states.items()
+            if not s.up or (n in fresh and (s.started_at or 0.0) < fresh[n])
+        ]
+        if not_up:
+            return health.Liveness(False, detail=_not_up_detail(ctx, not_up, states))
+        started = max(s.started_at or 0.0 for s in states.values())
+        return health.Liveness(True, started, tuple(s.pid for s in states.values()), "runit: up")
+
+    started = time.monotonic()
+    result = health.wait_healthy(
+        ctx.check(action.version),
+        liveness,
+        healthy_threshold=spec.healthy_threshold,
+        interval_s=spec.interval_s,
+        deadline_s=spec.deadline_s,
+        min_uptime_s=spec.min_uptime_s,
+        keepalive=lease.keepalive,
+        stop=ctx.stop,
+    )
+    log.log(
+        20 if result.healthy else 40,
+        "setlive.gate",
+        app=ctx.app,
+        version=action.version,
+        healthy=result.healthy,
+        seconds=round(time.monotonic() - started, 3),
+        output=result.output,
+    )
+    return result
+
+
+def _not_up_detail(
+    ctx: ApplyContext, names: list[str], states: dict[str, runit.ServiceStatus]
+) -> str:
+    parts = []
+    for name in names:
+        s = states[name]
+        state = s.state or ("not supervised" if not s.supervised else "starting")
+        want = "" if s.want_up is None else (", want up" if s.want_up else ", want down")
+        tail = log_tail(ctx.paths.log_root / name / "current")
+        parts.append(f"runit: {name} {state}{want}" + (f"; log: {tail}" if tail else ""))
+    return "; ".join(parts)
+
+
+def log_tail(path: Path, lines: int = 2, limit: int = 4096) -> str:
+    """The last lines the app wrote (svlogd's ``current``), without timestamps."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = [ln.split(" ", 1)[-1] if ln.startswith("@") else ln for ln in text.splitlines()[-lines:]]
+    return " | ".join(t.strip() for t in tail if t.strip())
+
+
+# -- service directories ---------------------------------------------------------------------
+
+
+def stage_service(stage: Path, spec: ServiceSpec, new: bool) -> None:
+    """Write a service directory. A new one is built under a temp name with a ``down``
+    file and renamed into place whole, so runsv never sees half of it."""
+    target = stage / spec.name
+    if new and not target.exists():
+        stage.mkdir(parents=True, exist_ok=True)
+        tmp = fs.temp_name(target)
+        try:
+            tmp.mkdir()
+            runit.set_down_file(tmp, True)
+            _write_files(tmp, spec)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    _write_files(target, spec)
+
+
+def _write_files(service_dir: Path, spec: ServiceSpec) -> None:
+    (service_dir / "log").mkdir(parents=True, exist_ok=True)
+    env_dir = service_dir / ENV_DIR
+    env_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(env_dir, 0o700)
+    for rel, file in spec.files.items():
+        path = service_dir / rel
+        fs.write_atomic(path, file.data, file.mode)
+        if file.gid is not None and path.stat().st_gid != file.gid:
+            os.chown(path, -1, file.gid)
+    wanted = spec.env_dir_names
+    for entry in env_dir.iterdir():
+        if entry.name not in wanted:
+            entry.unlink()
+
+
+def retire(paths: Paths, name: str, timeout_s: float) -> None:
+    """Stop a service and take it away from runit: sv down, unlink, make runsv exit,
+    then remove the staged directory."""
+    service_dir = paths.stage / name
+    supervised = runit.is_supervised(service_dir)
+    if supervised:
+        with contextlib.suppress(runit.RunitError):
+            runit.down(service_dir)
+    runit.unlink(paths.runit_dir, name, service_dir)
+    if supervised:
+        with contextlib.suppress(runit.RunitError):
+            runit.exit_supervisor(service_dir)
+        if not runit.wait_unsupervised(service_dir, timeout_s):
+            raise runit.RunitError(f"runsv for {name} did not exit within {timeout_s:g}s")
+    runit.remove_service_dir(service_dir)
+    log.info("setlive.retired", service=name)

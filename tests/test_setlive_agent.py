@@ -1,0 +1,606 @@
+"""pp-setlive end to end: a private runsvdir, the sample apps, the embedded store.
+
+Every test deploys its own app (own name, own port) into one runsvdir shared
+by the module; the first deploy of each waits for runsvdir's scan (up to 5 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for  # noqa: F401
+
+from agents.runtime import Runtime, RuntimeOptions
+from agents.setlive.agent import SetliveAgent
+from agents.setlive.apply import lease_resource
+from agents.setlive.observe import Paths
+from agents.setlive.retry import request_retry, retry_key
+from agents.system import fs, runit
+from agents.system.layout import AppLayout, InstallMarker
+from intent import keys
+from intent.model import Reality
+from intent.store import IntentStore
+from intent.store.sqlite import SqliteStore
+
+APPS = Path(__file__).resolve().parent.parent / "test_data" / "apps"
+REPO = Path(__file__).resolve().parent.parent
+NODE = "n1"
+FAST_HTTP = {
+    "type": "http",
+    "interval_s": 0.1,
+    "healthy_threshold": 2,
+    "deadline_s": 4.0,
+    "min_uptime_s": 0.3,
+    "timeout_s": 0.5,
+}
+
+
+def sha(version: str) -> str:
+    return hashlib.sha256(version.encode()).hexdigest()
+
+
+@dataclass
+class Host:
+    """One node's view: its store, its setlive, its app directories."""
+
+    root: Path
+    store: IntentStore
+    paths: Paths
+    agent: SetliveAgent
+    runtime: Runtime
+
+    # -- intent and installs ------------------------------------------------------------------
+
+    def basedir(self, app: str) -> Path:
+        return self.root / "apps" / app
+
+    def layout(self, app: str) -> AppLayout:
+        return AppLayout(self.basedir(app), app)
+
+    def install(
+        self, app: str, version: str, source: str = "httpapp", unhealthy: bool = False
+    ) -> Path:
+        target = self.layout(app).install_dir(version)
+        shutil.copytree(APPS / source, target, symlinks=False)
+        if unhealthy:
+            (target / "unhealthy").write_text("")
+        (target / ".pp-installed.json").write_bytes(
+            InstallMarker(sha(version), time.time()).to_bytes()
+        )
+        return target
+
+    def intent(
+        self,
+        app: str,
+        port: int,
+        active: str | None,
+        versions: tuple[str, ...] = ("1", "2", "3"),
+        *,
+        health: dict[str, Any] | None = None,
+        run_as: str = "nobody",
+        env: dict[str, str] | None = None,
+        user_config: dict[str, Any] | None = None,
+        min_nodes: int = 0,
+        nodes: tuple[str, ...] = (NODE,),
+    ) -> None:
+        for node in nodes:
+            self.store.put_json(keys.node_app(node, app), {"cluster": "c"})
+        config = {
+            "versions": {
+                v: {"state": "active" if v == active else "prep", "sha256": sha(v)}
+                for v in versions
+            },
+            "min_nodes": min_nodes,
+            "user_config": user_config or {},
+        }
+        deploy: dict[str, Any] = {
+            "basedir": str(self.basedir(app)),
+            "run_as": run_as,
+            "ports": [{"name": "http", "port": port}],
+            "env": env or {},
+            "health_check": health if health is not None else FAST_HTTP,
+        }
+        self.store.put_json(keys.config(app, "c"), config)
+        self.store.put_json(keys.deploy_config(app, "c"), deploy)
+
+    # -- running setlive ------------------------------------------------------------------------
+
+    def converge(self) -> bool:
+        return self.runtime.run_pass(force=True)
+
+    def report(self, app: str) -> Reality:
+        (report,) = [r for r in self.store.reality(NODE, app) if r.agent == "setlive"]
+        return report
+
+    def setlive_process(self, **env: str) -> subprocess.CompletedProcess[bytes]:
+        """pp-setlive --once in its own process (for the kill -9 tests)."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agents.setlive",
+                "--once",
+                "--store",
+                f"sqlite://{self.root / 'store.db'}",
+                "--node",
+                NODE,
+                "--runit",
+                str(self.paths.runit_dir),
+                "--runit-stage",
+                str(self.paths.stage),
+                "--log-root",
+                str(self.paths.log_root),
+                "--state-dir",
+                str(self.paths.state_dir),
+                "--log-format",
+                "json",
+            ],
+            cwd=REPO,
+            env=os.environ | env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+    # -- looking at the host --------------------------------------------------------------------
+
+    def service(self, name: str) -> Path:
+        return self.paths.stage / name
+
+    def status(self, name: str) -> runit.ServiceStatus:
+        return runit.status(self.service(name))
+
+    def current(self, app: str) -> str | None:
+        return self.layout(app).version_of(self.layout(app).current)
+
+    def previous(self, app: str) -> str | None:
+        return self.layout(app).version_of(self.layout(app).previous)
+
+
+@pytest.fixture
+def host(runsvdir: Runsvdir, request: pytest.FixtureRequest) -> Iterator[Host]:  # noqa: F811
+    require_root()
+    root = runsvdir.root / request.node.name[:40]
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    store = IntentStore(SqliteStore(root / "store.db"))
+    paths = Paths(runsvdir.service_dir, root / "stage", root / "log", root / "state")
+    agent = SetliveAgent(store, NODE, paths, supervise_timeout_s=8.0, lease_ttl_s=10.0)
+    runtime = Runtime(agent, store, RuntimeOptions(node=NODE, once=True))
+    yield Host(root, store, paths, agent, runtime)
+    store.close()
+
+
+def get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+# -- deploys -------------------------------------------------------------------------------------
+
+
+def test_first_deploy_runs_the_active_version_as_run_as_with_its_config(host: Host) -> None:
+    port = free_port()
+    host.install("first", "1")
+    host.intent(
+        "first",
+        port,
+        "1",
+        env={"MODE": "test"},
+        user_config={"GREETING": "hello", "limits": {"rps": 5}, "PP_APP": "ignored"},
+    )
+    assert host.converge()
+
+    report = host.report("first")
+    assert (report.status, report.version) == ("converged", "1")
+    assert report.details["health"] == "healthy"
+    assert report.details["runit"]["first"]["state"] == "run"
+    assert get(port) == (200, "first 1")
+    status = host.status("first")
+    assert status.pid is not None and uid_of(status.pid) == 65534  # nobody, through chpst -u
+
+    env = json.loads(get(port, "/env")[1])
+    assert env["PP_APP"] == "first" and env["PP_VERSION"] == "1" and env["PP_CLUSTER"] == "c"
+    assert env["PP_PORT_HTTP"] == str(port)
+    assert env["MODE"] == "test" and env["GREETING"] == "hello"
+    assert json.loads(env["limits"]) == {"rps": 5}
+    config = json.loads(Path(env["PP_CONFIG_PATH"]).read_text())
+    assert config["limits"] == {"rps": 5}
+
+    assert host.current("first") == "1" and host.previous("first") is None
+    assert (host.paths.runit_dir / "first").resolve() == host.service("first")
+    assert not (host.service("first") / "down").exists()
+    assert wait_for(lambda: "first 1 listening" in _log(host, "first"), 5)
+
+    started = time.monotonic()
+    assert host.converge()
+    assert time.monotonic() - started < 1.0
+    assert host.status("first").pid == status.pid  # a converged app is left alone
+
+
+def test_a_changed_env_restarts_the_app_with_it(host: Host) -> None:
+    port = free_port()
+    host.install("envchange", "1")
+    host.intent("envchange", port, "1", env={"MODE": "one"})
+    assert host.converge()
+    pid = host.status("envchange").pid
+    host.intent("envchange", port, "1", env={"MODE": "two"})
+    assert host.converge()
+    assert host.status("envchange").pid != pid
+    assert json.loads(get(port, "/env")[1])["MODE"] == "two"
+    assert host.report("envchange").status == "converged"
+
+
+def test_a_version_not_installed_yet_waits_for_the_preparer(host: Host) -> None:
+    port = free_port()
+    host.intent("waiting", port, "1")
+    assert not host.converge()
+    report = host.report("waiting")
+    assert report.status == "converging"
+    assert report.error and "waiting for the preparer" in report.error
+    assert not host.service("waiting").exists()
+
+    host.install("waiting", "1")
+    assert host.converge()
+    assert get(port) == (200, "waiting 1")
+
+
+def test_upgrade_switches_current_and_restarts_with_a_short_gap(host: Host) -> None:
+    port = free_port()
+    host.install("upgrade", "1")
+    host.install("upgrade", "2")
+    host.intent("upgrade", port, "1")
+    assert host.converge()
+    time.sleep(1.1)  # runsv delays a restart within a second of the last start
+
+    results: list[tuple[float, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            at = time.monotonic()
+            try:
+                results.append((at, get(port, timeout=0.5)[1]))
+            except OSError:
+                results.append((at, None))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        host.intent("upgrade", port, "2")
+        assert host.converge()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join()
+
+    answers = [body for _, body in results]
+    failures = [at for at, body in results if body is None]
+    window = failures[-1] - failures[0] if failures else 0.0
+    first_new = answers.index("upgrade 2")
+    assert set(answers[:first_new]) <= {"upgrade 1", None}
+    assert set(answers[first_new:]) == {"upgrade 2"}, "an old answer after the new version"
+    print(
+        f"\nupgrade gap: {len(failures)} failed of {len(results)} requests, "
+        f"failure window {window * 1000:.0f} ms"
+    )
+    assert window < 1.0
+    assert host.current("upgrade") == "2" and host.previous("upgrade") == "1"
+    assert host.report("upgrade").details["previous"] == "1"
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def test_failed_health_rolls_back_and_waits_for_intent_or_retry(host: Host) -> None:
+    port = free_port()
+    host.install("rollback", "1")
+    host.install("rollback", "2", unhealthy=True)
+    host.install("rollback", "3")
+    quick = FAST_HTTP | {"deadline_s": 1.5}
+    host.intent("rollback", port, "1", health=quick)
+    assert host.converge()
+
+    host.intent("rollback", port, "2", health=quick)
+    assert not host.converge()
+    report = host.report("rollback")
+    assert (report.status, report.version) == ("error", "1")
+    assert report.details["rolled_back_from"] == "2"
+    assert report.error and "503 unhealthy" in report.error and "pp retry" in report.error
+    assert host.current("rollback") == "1"
+    assert get(port) == (200, "rollback 1")
+
+    pid = host.status("rollback").pid
+    started = time.monotonic()
+    assert not host.converge()
+    assert time.monotonic() - started < 1.0, "the failed version was tried again"
+    assert host.status("rollback").pid == pid
+    assert host.report("rollback").details["rolled_back_from"] == "2"
+
+    assert request_retry(host.store, "rollback", NODE, actor="test") == [NODE]
+    assert host.store.get_raw(retry_key(NODE, "rollback")) is not None
+    time.sleep(1.0)
+    assert not host.converge()
+    assert _log(host, "rollback").count("rollback 2 listening") == 2  # tried once more
+    assert host.current("rollback") == "1"
+
+    host.intent("rollback", port, "3", health=quick)  # the fix, as a new version
+    assert host.converge()
+    assert get(port) == (200, "rollback 3")
+    assert "rolled_back_from" not in host.report("rollback").details
+
+
+def test_a_first_deploy_that_crashes_is_stopped_not_restarted_forever(host: Host) -> None:
+    port = free_port()
+    host.install("crashy", "1", source="crashapp")
+    host.intent("crashy", port, "1", health=FAST_HTTP | {"deadline_s": 1.5})
+    assert not host.converge()
+    report = host.report("crashy")
+    assert report.status == "error" and report.version is None
+    assert report.error and "nothing to roll back to" in report.error
+    assert "missing DATABASE_URL" in report.error  # the app's own last words, from its log
+    # runsv takes in the command once its restart delay (1 s after a crash) is over
+    assert wait_for(lambda: host.status("crashy").want_up is False, 3)
+    assert host.status("crashy").state == "down"
+    assert (host.service("crashy") / "down").exists()
+
+    assert not host.converge()
+    assert host.status("crashy").state == "down"
+
+
+def test_exec_health_check_runs_the_artifacts_bin_check(host: Host) -> None:
+    port = free_port()
+    host.install("execd", "1")
+    host.install("execd", "2", unhealthy=True)
+    check = FAST_HTTP | {"type": "exec", "deadline_s": 1.5}
+    host.intent("execd", port, "1", health=check)
+    assert host.converge()
+    assert host.report("execd").details["health_output"].startswith("exec ")
+    host.intent("execd", port, "2", health=check)
+    assert not host.converge()
+    report = host.report("execd")
+    assert report.error and "unhealthy file present in 2" in report.error
+    assert get(port) == (200, "execd 1")
+
+
+# -- drift, stop, removal ------------------------------------------------------------------------
+
+
+def test_drift_is_repaired_from_what_the_host_shows(host: Host) -> None:
+    port = free_port()
+    host.install("drift", "1")
+    host.install("drift", "2")
+    host.intent("drift", port, "1")
+    assert host.converge()
+
+    subprocess.run(["sv", "down", str(host.paths.runit_dir / "drift")], check=True)
+    assert wait_for(lambda: host.status("drift").state == "down", 5)
+    assert host.converge()
+    assert host.status("drift").up and get(port) == (200, "drift 1")
+
+    fs.symlink_atomic("installs/drift_2", host.layout("drift").current)
+    assert host.converge()
+    assert host.current("drift") == "1" and get(port) == (200, "drift 1")
+
+    (host.service("drift") / "run").write_text("#!/bin/sh\nexec sleep 1000\n")
+    assert host.converge()
+    assert b"pp-setlive" in (host.service("drift") / "run").read_bytes()
+    assert get(port) == (200, "drift 1")
+
+
+def test_no_active_version_stops_the_app_and_removal_takes_it_away(host: Host) -> None:
+    port = free_port()
+    host.install("stopper", "1")
+    host.intent("stopper", port, "1")
+    assert host.converge()
+    pid = host.status("stopper").pid
+    assert pid is not None
+
+    host.intent("stopper", port, None)
+    assert host.converge()
+    report = host.report("stopper")
+    assert (report.status, report.version) == ("converged", None)
+    assert report.details["health"] == "stopped"
+    assert host.status("stopper").state == "down"
+    assert (host.service("stopper") / "down").exists()
+
+    host.intent("stopper", port, "1")
+    assert host.converge()
+    assert get(port) == (200, "stopper 1")
+    pid = host.status("stopper").pid
+
+    host.store.delete(keys.node_app(NODE, "stopper"))
+    assert host.converge()
+    assert not (host.paths.runit_dir / "stopper").exists()
+    assert not host.service("stopper").exists()
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5)
+    assert host.store.reality(NODE, "stopper") == []
+    assert host.layout("stopper").install_dir("1").exists()  # files stay for the preparer's GC
+
+
+# -- crashes of setlive itself -------------------------------------------------------------------
+
+SWITCH_POINTS = [
+    "after-save-pending",
+    "after-set-previous",
+    "after-set-current",
+    "after-restart-service",
+    "during-await-health",
+]
+
+
+def test_kill_9_at_each_step_of_a_switch_then_a_clean_finish(host: Host) -> None:
+    port = free_port()
+    versions = tuple(str(v) for v in range(1, len(SWITCH_POINTS) + 2))
+    for version in versions:
+        host.install("crashsafe", version)
+    host.intent("crashsafe", port, "1", versions, run_as="root")
+
+    # First deploy, killed once the service is linked: runsvdir picks it up but the
+    # down file keeps it from starting before setlive says so.
+    killed = host.setlive_process(PP_SETLIVE_FAILPOINT="after-link-service")
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert runit.wait_supervised(host.service("crashsafe"), 8)
+    time.sleep(0.3)
+    assert host.status("crashsafe").state == "down"
+    assert host.converge()
+    assert get(port) == (200, "crashsafe 1")
+
+    for before, (point, version) in zip(
+        versions, zip(SWITCH_POINTS, versions[1:], strict=True), strict=False
+    ):
+        host.intent("crashsafe", port, version, versions, run_as="root")
+        killed = host.setlive_process(PP_SETLIVE_FAILPOINT=point)
+        assert killed.returncode == -9, (point, killed.stderr.decode()[-2000:])
+        assert host.converge(), (point, host.report("crashsafe"))
+        report = host.report("crashsafe")
+        assert (report.status, report.version) == ("converged", version), point
+        assert get(port) == (200, f"crashsafe {version}"), point
+        assert host.previous("crashsafe") == before, point
+        assert host.agent.state.load("crashsafe").pending is None
+
+
+def test_kill_9_during_a_failing_gate_still_rolls_back(host: Host) -> None:
+    port = free_port()
+    host.install("crashfail", "1")
+    host.install("crashfail", "2", unhealthy=True)
+    quick = FAST_HTTP | {"deadline_s": 1.5}
+    host.intent("crashfail", port, "1", health=quick, run_as="root")
+    assert host.converge()
+    host.intent("crashfail", port, "2", health=quick, run_as="root")
+    killed = host.setlive_process(PP_SETLIVE_FAILPOINT="during-await-health")
+    assert killed.returncode == -9
+    assert host.current("crashfail") == "2"  # killed mid-switch
+    assert not host.converge()
+    report = host.report("crashfail")
+    assert report.version == "1" and report.details["rolled_back_from"] == "2"
+    assert get(port) == (200, "crashfail 1")
+
+
+# -- min_nodes ------------------------------------------------------------------------------------
+
+
+def _peer(host: Host, app: str, node: str, health: str) -> None:
+    host.store.write_reality(
+        Reality(node=node, agent="setlive", app=app, status="converged", details={"health": health})
+    )
+
+
+def test_min_nodes_lease_limits_restarts_across_the_cluster(host: Host) -> None:
+    port = free_port()
+    nodes = (NODE, "n2", "n3")
+    for version in ("1", "2", "3", "4"):
+        host.install("leased", version)
+    host.intent("leased", port, "1", ("1", "2", "3", "4"), min_nodes=2, nodes=nodes)
+    assert host.converge()
+    resource = lease_resource("leased", "c")
+    for peer in ("n2", "n3"):
+        _peer(host, "leased", peer, "healthy")
+
+    # 3 healthy nodes, min_nodes 2: one restart at a time, and n2 holds the slot.
+    assert host.store.acquire_lease(resource, "n2", 1, 30.0)
+    host.intent("leased", port, "2", ("1", "2", "3", "4"), min_nodes=2, nodes=nodes)
+    pid = host.status("leased").pid
+    assert not host.converge()
+    report = host.report("leased")
+    assert report.status == "converging" and report.error and "held by n2" in report.error
+    assert host.status("leased").pid == pid and get(port) == (200, "leased 1")
+
+    host.store.release_lease(resource, "n2")
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(host.store.lease_holders(resource))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert host.converge()
+    finally:
+        done.set()
+        watcher.join()
+    assert seen == {NODE}, "the restart did not hold the lease"
+    assert host.store.lease_holders(resource) == []
+    assert get(port) == (200, "leased 2")
+
+    # n3 unhealthy: 2 healthy nodes, min_nodes 2, nobody may restart.
+    _peer(host, "leased", "n3", "unhealthy")
+    host.intent("leased", port, "3", ("1", "2", "3", "4"), min_nodes=2, nodes=nodes)
+    assert not host.converge()
+    report = host.report("leased")
+    assert report.error and "2 healthy node(s) of leased/c, min_nodes 2" in report.error
+    assert get(port) == (200, "leased 2")
+
+    # A holder that died: its slot expires with its TTL and the restart goes ahead.
+    _peer(host, "leased", "n3", "healthy")
+    assert host.store.acquire_lease(resource, "n3", 1, 1.0)
+    assert not host.converge()
+    time.sleep(1.1)
+    assert host.converge()
+    assert get(port) == (200, "leased 3")
+
+
+# -- multi-service artifacts ----------------------------------------------------------------------
+
+
+def test_a_launch_directory_runs_each_entry_as_a_service_switched_together(host: Host) -> None:
+    port = free_port()
+    host.install("multi", "1")
+    host.install("multi", "2", source="multiapp")
+    host.install("multi", "3", source="multiapp")
+    host.intent("multi", port, "1")
+    assert host.converge()
+
+    host.intent("multi", port, "2")
+    assert host.converge(), host.report("multi")
+    assert not host.service("multi").exists()
+    assert not (host.paths.runit_dir / "multi").exists()
+    assert get(port) == (200, "multi 2")
+    pids = {s: host.status(s).pid for s in ("multi-web", "multi-worker")}
+    assert all(pids.values())
+    assert set(host.report("multi").details["runit"]) == {"multi-web", "multi-worker"}
+
+    time.sleep(1.0)
+    host.intent("multi", port, "3")
+    assert host.converge()
+    assert get(port) == (200, "multi 3")
+    for name, pid in pids.items():
+        assert host.status(name).pid != pid, name
+    assert wait_for(lambda: "worker 3 of multi started" in _log(host, "multi-worker"), 5)
+
+
+def _log(host: Host, service: str) -> str:
+    try:
+        return (host.paths.log_root / service / "current").read_text()
+    except FileNotFoundError:
+        return ""

@@ -121,7 +121,7 @@ def plan(
         (a for a in in_force if a not in wanted and (assigned is None or a in assigned)),
         key=rank,
     )
-    removed = frozenset(a for a in in_force if a not in wanted and a not in held_apps)
+    removed = frozenset(in_force) - set(wanted) - set(held_apps)
 
     reserved: dict[Key, _Claim] = {}
     for app in held_apps:
@@ -166,7 +166,8 @@ def plan(
         for key, what in claims[app].items():
             reserved[key] = _Claim(app, what, reserved.get(key, _Claim(app, "")).held)
 
-    owner = {key: claim.app for key, claim in reserved.items() if claim.app in accepted}
+    accepted_set = set(accepted)
+    owner = {key: claim.app for key, claim in reserved.items() if claim.app in accepted_set}
     final: dict[str, list[Rule]] = {}
     for app in accepted:
         for rule in _desired(app, wanted[app]):

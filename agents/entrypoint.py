@@ -35,11 +35,12 @@ class CommonOptions:
 def common_options(command: F) -> F:
     """Add the flags every agent takes; the values arrive as ``common``."""
     options = [
-        click.option("--store", envvar="PP_STORE", default=default_store_url, show_default=True,
+        click.option("--store", envvar="PP_STORE", default=default_store_url,
+                     show_default="$PP_STORE, else the embedded store",
                      help="Intent store URL: sqlite:///path.db or consul://host:port."),
         click.option("--prefix", envvar="PP_PREFIX", default=keys.DEFAULT_PREFIX,
                      show_default=True, help="Key prefix of this deployment's intent."),
-        click.option("--node", envvar="PP_NODE", default=socket.gethostname, show_default=True,
+        click.option("--node", envvar="PP_NODE", default=socket.gethostname, show_default="hostname",
                      help="This host's name in nodes/<node>/."),
         click.option("--once", is_flag=True,
                      help="Converge one pass and exit: 0 when converged, 1 otherwise."),

@@ -136,7 +136,12 @@ class Runtime:
         self._store_state(True)
 
         effective = self._effective_intents(intents)
-        self.agent.begin_pass(effective)
+        try:
+            self.agent.begin_pass(effective)
+            pass_ok = True
+        except Exception:  # the per-app steps still run and report what they can
+            self.log.exception("pass.crashed")
+            pass_ok = False
         now = self.clock()
         due = [
             app
@@ -145,7 +150,7 @@ class Runtime:
         ]
         outcomes = self._converge_apps({app: effective[app] for app in due})
 
-        all_converged = True
+        all_converged = pass_ok
         for intent in intents:
             state = self._apps[intent.app]
             outcome = outcomes.get(intent.app)

@@ -48,13 +48,16 @@ from intent.store import IntentStore, open_store  # noqa: E402
 
 APP = "bench"
 NODE = "bench-node"
+INTERVAL_S = 0.05
+HEALTHY_THRESHOLD = 2
+MIN_UPTIME_S = 0.5
 HEALTH = {
     "type": "http",
-    "interval_s": 0.05,
-    "healthy_threshold": 2,
+    "interval_s": INTERVAL_S,
+    "healthy_threshold": HEALTHY_THRESHOLD,
     "timeout_s": 1.0,
     "deadline_s": 20.0,
-    "min_uptime_s": 0.5,
+    "min_uptime_s": MIN_UPTIME_S,
 }
 
 
@@ -87,7 +90,7 @@ def health_body(port: int) -> str | None:
         conn.close()
 
 
-def set_active(store: IntentStore, port: int, basedir: Path, active: str) -> None:
+def set_active(store: IntentStore, active: str) -> None:
     store.put_json(
         keys.config(APP, "c"),
         {
@@ -156,7 +159,7 @@ def run(store_kind: str, deploys: int) -> dict[str, Any]:
                 "health_check": HEALTH,
             },
         )
-        set_active(store, port, basedir, "1")
+        set_active(store, "1")
 
         # A trivial service for runit's own restart time, under the same runsvdir.
         dummy = root / "dummy"
@@ -184,7 +187,7 @@ def run(store_kind: str, deploys: int) -> dict[str, Any]:
             baseline.append(restart_baseline(dummy))
             active = "2" if active == "1" else "1"
             t0 = time.time()
-            set_active(store, port, basedir, active)
+            set_active(store, active)
             t_answer = wait(lambda a=active: health_body(port) == f"ok {a}", 30, 0.002)
             t_conv = wait(lambda a=active: converged(store, a), 30, 0.005)
             started = runit.status(root / "stage" / APP).started_at or t_answer
@@ -209,14 +212,16 @@ def report(result: dict[str, Any]) -> str:
     app_start = statistics.median(s.app_start for s in samples)
     # The gate passes once the process has been up min_uptime_s and, after its first
     # answer, healthy_threshold checks in a row have passed; both count from the start.
-    checks = (HEALTH["healthy_threshold"] - 1) * HEALTH["interval_s"]
-    gate = max(HEALTH["min_uptime_s"], app_start + checks)
+    checks = (HEALTHY_THRESHOLD - 1) * INTERVAL_S
+    gate = max(MIN_UPTIME_S, app_start + checks)
     parts_answer = restart + app_start
     parts_converged = restart + gate
 
     def row(name: str, values: list[float], parts: float | None = None) -> str:
         med, p95 = statistics.median(values), pct(values, 95)
-        extra = f" | {parts * 1000:.0f} | {(med - parts) * 1000:.0f}" if parts is not None else " | | "
+        extra = " | | "
+        if parts is not None:
+            extra = f" | {parts * 1000:.0f} | {(med - parts) * 1000:.0f}"
         return f"| {name} | {med * 1000:.0f} | {p95 * 1000:.0f}{extra} |"
 
     lines = [
@@ -224,7 +229,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         "| ms | median | p95 | sum of parts | overhead (median - parts) |",
         "|---|---:|---:|---:|---:|",
-        row("deploy -> new version answers /health", [s.total_answer for s in samples], parts_answer),
+        row("deploy -> new version answers /health",
+            [s.total_answer for s in samples], parts_answer),
         row("deploy -> setlive reports converged (gate passed)",
             [s.total_converged for s in samples], parts_converged),
         row("deploy -> new process started", [s.to_process for s in samples], restart),

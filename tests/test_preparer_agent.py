@@ -36,8 +36,7 @@ from agents.system.layout import AppLayout
 from agents.system.signing import sign
 from intent import keys
 from intent.model import Reality
-from intent.store import IntentStore
-from intent.store.sqlite import SqliteStore
+from intent.store import open_store
 
 NODE = "web1"
 BAD_SHA = "0" * 64
@@ -46,10 +45,13 @@ BAD_SHA = "0" * 64
 class World:
     """A node's world: a store, an artifact repo served over loopback HTTP, basedirs."""
 
-    def __init__(self, root: Path, server: ArtifactServer) -> None:
+    def __init__(
+        self, root: Path, server: ArtifactServer, store_url: str = "", prefix: str = ""
+    ) -> None:
         self.root = root
-        self.db = root / "intent.db"
-        self.store = IntentStore(SqliteStore(self.db))
+        self.store_url = store_url or f"sqlite://{root / 'intent.db'}"
+        self.prefix = prefix or keys.DEFAULT_PREFIX
+        self.store = open_store(self.store_url, self.prefix)
         self.repo = server.root
         self.server = server
         self.srv = root / "srv"
@@ -78,7 +80,8 @@ class World:
 
     def args(self) -> list[str]:
         return [
-            "--store", f"sqlite://{self.db}", "--node", NODE, "--once", "--log-format", "json",
+            "--store", self.store_url, "--prefix", self.prefix, "--node", NODE, "--once",
+            "--log-format", "json",
             "--repo", self.server.url, "--fetch-timeout", "1", "--fetch-attempts", "2",
         ]  # fmt: skip
 
@@ -135,6 +138,26 @@ def test_once_installs_every_version_of_every_assigned_app(world: World) -> None
         assert report.details["versions"] == dict.fromkeys(shas, "installed")
         assert report.details["last_success"] == pytest.approx(time.time(), abs=30)
     assert report.version == "7"
+
+
+@pytest.mark.consul
+def test_once_installs_from_intent_in_a_real_consul(
+    tmp_path: Path, consul_addr: str, ns: str
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with artifact_server(repo) as server:
+        world = World(tmp_path, server, f"consul://{consul_addr}", ns)
+        shas = {v: world.publish("hello", v) for v in ("1.0", "1.1")}
+        world.assign("hello", {"1.0": active(shas["1.0"]), "1.1": prep(shas["1.1"])})
+        world.run()
+        for version, sha in shas.items():
+            assert world.layout("hello").is_installed(version, sha)
+        assert world.report("hello").details["versions"] == {"1.0": "installed", "1.1": "installed"}
+        requests = len(server.requests)
+        world.run()
+        assert len(server.requests) == requests
+        world.store.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to run_as needs root")

@@ -168,7 +168,7 @@ def simulate(state: Observed, actions: list[Action]) -> Observed:
     return Observed(installs, state.current, state.previous, ())
 
 
-@settings(max_examples=2000)
+@settings(max_examples=1000)
 @given(scenarios())
 def test_plan_properties(scenario: tuple[list[Wanted], Observed, int]) -> None:
     wanted, state, keep_old = scenario

@@ -340,8 +340,14 @@ def _decompressed(raw: BinaryIO, limit: int) -> Iterator[_ChunkReader]:
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give every entry under ``root`` (and ``root``) to ``uid:gid``, links not followed."""
-    os.lchown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
+    """Give every entry under ``root``, then ``root`` itself, to ``uid:gid``.
+
+    Bottom-up on purpose: a directory changes hands only after everything in it
+    has, so the new owner (whose processes may already be running) can never
+    swap a directory we are about to descend into for a symlink elsewhere.
+    Links are not followed.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
             os.lchown(os.path.join(dirpath, name), uid, gid)
+    os.lchown(root, uid, gid)

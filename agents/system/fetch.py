@@ -191,14 +191,23 @@ class _Progress:
         self.hasher = hashlib.sha256()
 
     def transfer(self, source: _Source) -> None:
+        """One attempt, continuing from what earlier attempts received."""
         try:
-            opened = source.open(self.received, self.validator)
+            self._transfer(source)
         except FetchError as exc:
             if exc.restart:
                 self.restart()
                 self.validator = None
             raise
+
+    def _transfer(self, source: _Source) -> None:
+        opened = source.open(self.received, self.validator)
         try:
+            if opened.start not in (self.received, 0):
+                raise FetchError(
+                    f"asked for bytes from {self.received}, got them from {opened.start}",
+                    restart=True,
+                )
             if opened.start != self.received:
                 self.restart()
             self.validator = opened.validator

@@ -563,6 +563,7 @@ def situations(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, ServiceSpe
         pending=pending,
         failure=fail,
         healthy=draw(st.sampled_from([None, True, False])),
+        self_service=draw(st.sampled_from([None, *sorted(services)])),
     )
     return d, o, specs
 
@@ -600,9 +601,74 @@ def test_steps_keep_the_crash_safe_order(
                 assert k.index("SetCurrent") < k.index(later)
     if "AwaitHealth" in k:
         assert k[k.index("AwaitHealth") + 1 :] == ["ClearPending"]
+    if "StartGuard" in k:
+        assert k.index("SavePending") < k.index("StartGuard") < k.index("SetCurrent")
+    actions = p.plan(d, o).actions
+    own = [
+        i
+        for i, a in enumerate(actions)
+        if isinstance(a, p.RestartService) and a.name == o.self_service
+    ]
+    if own:
+        assert all(isinstance(a, p.AwaitHealth | p.ClearPending) for a in actions[own[0] + 1 :])
     for i, kind in enumerate(k):
         if kind == "RetireService":
             assert all(
                 x in ("ClearFailure", "AcquireLease", "RetireService", "ClearPending")
                 for x in k[:i]
             )
+
+
+# -- self-deploy ---------------------------------------------------------------------------------
+
+
+def test_switching_the_bundle_setlive_runs_from_leaves_a_guard_and_restarts_itself_last() -> None:
+    agent, worker = spec("web-agent", entry="agent"), spec("web-worker", entry="worker")
+    versions = {"1": installed(agent, worker), "2": installed(agent, worker)}
+    services = {"web-agent": running("1", agent), "web-worker": running("1", worker)}
+    result = p.plan(
+        desired("2"),
+        observed(current="1", versions=versions, services=services, self_service="web-agent"),
+    )
+    k = kinds(result)
+    assert k.index("SavePending") < k.index("StartGuard") < k.index("SetCurrent")
+    guard = next(a for a in result.actions if isinstance(a, p.StartGuard))
+    assert guard == p.StartGuard("2", "1", ("web-agent", "web-worker"), FP)
+    restarts = [a.name for a in result.actions if isinstance(a, p.RestartService)]
+    assert restarts == ["web-worker", "web-agent"]
+    assert k[-3:] == ["RestartService", "AwaitHealth", "ClearPending"]
+
+
+def test_no_guard_for_a_rollback_or_for_apps_setlive_does_not_run_in() -> None:
+    agent = spec("web-agent", entry="agent")
+    versions = {"1": installed(agent), "2": installed(agent)}
+    services = {"web-agent": running("2", agent)}
+    rollback = p.plan(
+        desired("2"),
+        observed(
+            current="2",
+            versions=versions,
+            services=services,
+            self_service="web-agent",
+            failure=failure(),
+        ),
+    )
+    assert "StartGuard" not in kinds(rollback) and p.SetCurrent("1") in rollback.actions
+    other = p.plan(desired("2"), observed(current="1", self_service="something-else"))
+    assert "StartGuard" not in kinds(other)
+
+
+def test_the_new_setlive_finishes_its_own_switch_by_gating_itself() -> None:
+    agent = spec("web-agent", entry="agent")
+    versions = {"1": installed(agent), "2": installed(agent)}
+    result = p.plan(
+        desired("2"),
+        observed(
+            current="2",
+            versions=versions,
+            services={"web-agent": running("2", agent)},
+            pending=Pending("2", "1", 1.0),
+            self_service="web-agent",
+        ),
+    )
+    assert kinds(result) == ["AwaitHealth", "ClearPending"]

@@ -95,6 +95,13 @@ def _lock(state_dir: Path) -> int:
     show_default=True,
     help="Peer health reports older than this do not count towards min_nodes.",
 )
+@click.option(
+    "--guard-deadline",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="When setlive deploys itself: seconds its guard waits for the new setlive "
+    "before rolling back [default: 2 x the gate's deadline_s + 37].",
+)
 def main(**params: Any) -> None:
     """Swap runit services to each app's active version, health-gated, with rollback."""
     common = entrypoint.pop_common(params)
@@ -117,6 +124,7 @@ def main(**params: Any) -> None:
             health_freshness_s=params["health_freshness"],
             stop=stop,
             handle_signals=True,
+            guard_deadline_s=params["guard_deadline"],
         )
 
     entrypoint.run(common, build, max_parallel=params["parallel"])

@@ -48,6 +48,7 @@ class SetliveAgent(Agent):
         health_freshness_s: float = 180.0,
         stop: threading.Event | None = None,
         handle_signals: bool = False,
+        guard_deadline_s: float | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -58,6 +59,7 @@ class SetliveAgent(Agent):
         self.health_freshness_s = health_freshness_s
         self.stop = stop
         self.handle_signals = handle_signals
+        self.guard_deadline_s = guard_deadline_s
         self._trackers: dict[str, health.HealthTracker] = {}
         self._probes: dict[str, tuple[str, health.CheckResult]] = {}
         """The check made while observing, reused for the report when nothing changed."""
@@ -160,6 +162,7 @@ class SetliveAgent(Agent):
             health_freshness_s=self.health_freshness_s,
             progress=progress,
             stop=self.stop,
+            guard_deadline_s=self.guard_deadline_s,
         )
 
     def _check(self, intent: AppIntent, layout: AppLayout, version: str) -> health.Check | None:
@@ -251,6 +254,7 @@ class SetliveAgent(Agent):
             failure=state.failure,
             retry_token=retry_token,
             healthy=healthy,
+            self_service=obs.self_service(intent.app, services),
         )
         return desired, observed
 
@@ -328,12 +332,13 @@ class SetliveAgent(Agent):
         if the_plan.rolled_back_from:
             details["rolled_back_from"] = the_plan.rolled_back_from
 
-        if result.error:
+        if result.error or result.wait:
+            # Stopped part-way: what current points at now is what runs (or will).
             details["health"] = "unknown"
-            return Outcome.failed(result.error, version, **details)
-        if result.wait:
-            details["health"] = "unknown"
-            return Outcome.converging(result.wait, observed.current, **details)
+            now_current = ctx.layout.version_of(ctx.layout.current)
+            if result.error:
+                return Outcome.failed(result.error, now_current, **details)
+            return Outcome.converging(result.wait or "", now_current, **details)
         if version is None:
             details["health"] = "stopped"
             if the_plan.error:

@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,11 +46,13 @@ from agents.setlive.plan import (
     SetCurrent,
     SetPrevious,
     StageService,
+    StartGuard,
     StartService,
     StopService,
     healthy_peers,
     lease_limit,
 )
+from agents.setlive.retry import read_retry_token
 from agents.setlive.services import ENV_DIR, ServiceSpec
 from agents.setlive.state import Pending, StateDir
 from agents.system import fs, runit
@@ -83,6 +87,8 @@ class ApplyContext:
     health_freshness_s: float = 180.0
     progress: Callable[[str, str | None], None] = lambda reason, version: None
     stop: threading.Event | None = None
+    guard_deadline_s: float | None = None
+    """How long the self-deploy guard waits; None: twice the gate's deadline plus margin."""
 
 
 @dataclass
@@ -194,6 +200,13 @@ def _step(
             retire(ctx.paths, name, ctx.supervise_timeout_s)
         case StageService(spec=spec, new=new):
             stage_service(stage, spec, new)
+        case StartGuard():
+            try:
+                start_guard(ctx, action)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                # Never switch the bundle we run from without someone left to undo it.
+                result.error = f"cannot start the self-deploy guard: {exc}"
+                return True
         case SavePending(target=target, from_version=from_version):
             pending = Pending(target, from_version, time.time())
             ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=pending))
@@ -237,6 +250,36 @@ def _step(
         case ClearPending():
             ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=None))
     return False
+
+
+def start_guard(ctx: ApplyContext, action: StartGuard) -> None:
+    """Leave the guard (agents/setlive/guard.py) running in its own session, from the
+    code this setlive runs (the version being replaced), detached by ``setsid -f`` so it
+    outlives setlive's restart and is nobody's zombie."""
+    deadline = ctx.guard_deadline_s
+    if deadline is None:
+        deadline = 2 * ctx.gate.deadline_s + ctx.supervise_timeout_s + 30
+    token = None
+    with contextlib.suppress(StoreError):
+        token = read_retry_token(ctx.store, ctx.node, ctx.app)
+    argv = [
+        "setsid", "-f", sys.executable, "-m", "agents.setlive.guard",
+        "--app", ctx.app, "--basedir", str(ctx.layout.basedir),
+        "--version", action.target, "--from", action.from_version,
+        "--services", ",".join(action.services), "--stage", str(ctx.paths.stage),
+        "--state-dir", str(ctx.paths.state_dir), "--deadline", f"{deadline:g}",
+        "--fingerprint", action.fingerprint,
+    ] + (["--retry-token", token] if token else [])  # fmt: skip
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    ctx.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(ctx.paths.state_dir / f"{ctx.app}.guard.log", "ab") as out:
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd="/", check=True
+        )
+    log.info("setlive.guard_started", app=ctx.app, version=action.target, deadline_s=deadline)
 
 
 def _relative_install(layout: AppLayout, version: str) -> str:

@@ -140,3 +140,26 @@ def staged_services(stage: Path) -> dict[str, str]:
         if owner is not None:
             found[child.name] = owner[0]
     return found
+
+
+def ancestry(pid: int | None = None) -> set[int]:
+    """This process and its ancestors: a service whose pid is among them is the one this
+    setlive runs in (whether or not the launcher exec'ed it)."""
+    pids = set()
+    current = os.getpid() if pid is None else pid
+    while current > 1 and current not in pids:
+        pids.add(current)
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            current = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def self_service(app: str, services: dict[str, ServiceObs]) -> str | None:
+    mine = ancestry()
+    for name, obs in sorted(services.items()):
+        if obs.owner == app and obs.status.pid is not None and obs.status.pid in mine:
+            return name
+    return None

@@ -6,8 +6,9 @@ while the preparer works; none when the app is stopped) and lists the steps
 that make the host run it. The steps are ordered so that killing setlive after
 any of them leaves a state the next ``plan`` finishes from:
 
-    lease -> retire old services -> stage -> pending note -> previous -> current
-    -> link -> wait for runsv -> sv up / sv restart -> autostart -> health gate
+    lease -> retire old services -> stage -> pending note -> (guard) -> previous
+    -> current -> link -> wait for runsv -> sv up / sv restart -> autostart
+    -> restart of setlive itself -> health gate
 
 ``current`` moves before any restart (runit restarting setlive itself finds
 the switch already made), and a service linked for the first time carries a
@@ -74,6 +75,8 @@ class Observed:
     retry_token: str | None = None
     healthy: bool | None = None
     """The running app's health right now (None: not running or not checked)."""
+    self_service: str | None = None
+    """The service of this app that this very setlive runs as (the agent bundle)."""
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -107,6 +110,18 @@ class StageService:
 class SavePending:
     target: str
     from_version: str | None
+
+
+@dataclass(frozen=True)
+class StartGuard:
+    """Before setlive switches the bundle it runs from: a detached process that rolls
+    ``current`` back and restarts ``services`` unless the new setlive finishes the
+    switch (its pending note cleared) in time."""
+
+    target: str
+    from_version: str
+    services: tuple[str, ...]
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,7 @@ Action = (
     | RetireService
     | StageService
     | SavePending
+    | StartGuard
     | SetPrevious
     | SetCurrent
     | LinkService
@@ -244,7 +260,7 @@ def plan(d: Desired, o: Observed) -> Plan:
     link: list[Action] = []
     supervise: list[Action] = []
     start: list[Action] = []
-    restart: list[Action] = []
+    restart: list[RestartService] = []
     autostart: list[Action] = []
     for name, spec in specs.items():
         obs = o.services.get(name) or ServiceObs(name)
@@ -285,10 +301,18 @@ def plan(d: Desired, o: Observed) -> Plan:
     actions += stage
     if switching:
         actions.append(SavePending(target, o.current))
+        own = o.self_service
+        if own in specs and failure is None and target == d.version and o.current is not None:
+            services = tuple(sorted(set(specs) | {r.name for r in retire}))
+            actions.append(StartGuard(target, o.current, services, d.fingerprint))
         if o.current is not None and failure is None and _installed(o, o.current):
             actions.append(SetPrevious(o.current))
         actions.append(SetCurrent(target))
-    actions += link + supervise + start + restart + autostart
+    # setlive restarts itself last: runit stops it there, and the new one finishes.
+    restart_self = [r for r in restart if r.name == o.self_service]
+    restart_others = [r for r in restart if r not in restart_self]
+    for group in (link, supervise, start, restart_others, autostart, restart_self):
+        actions.extend(group)
     if start or restart or pending is not None or switching:
         deploy = failure is None and target == d.version and (switching or pending is not None)
         rollback_to = (

@@ -23,6 +23,7 @@ import yaml
 from agents import cli_render as render
 from agents import operator as op
 from agents.appfile import AppFile, read_app_file
+from agents.pack_cli import pack
 from agents.schema import intent_schema
 from intent import keys
 from intent.model import IntentError
@@ -428,6 +429,9 @@ def history(env: Env, app: str, as_json: bool) -> None:
         _print_json([r.model_dump(mode="json") for r in records])
         return
     click.echo(render.table(render.HISTORY_COLUMNS, render.history_rows(records)))
+
+
+cli.add_command(pack)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

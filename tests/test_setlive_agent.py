@@ -243,7 +243,7 @@ def test_first_deploy_runs_the_active_version_as_run_as_with_its_config(host: Ho
     assert host.status("first").pid == status.pid  # a converged app is left alone
 
 
-def test_a_changed_env_restarts_the_app_with_it(host: Host) -> None:
+def test_a_changed_env_or_run_as_restarts_the_app_and_its_logger(host: Host) -> None:
     port = free_port()
     host.install("envchange", "1")
     host.intent("envchange", port, "1", env={"MODE": "one"})
@@ -254,6 +254,16 @@ def test_a_changed_env_restarts_the_app_with_it(host: Host) -> None:
     assert host.status("envchange").pid != pid
     assert json.loads(get(port, "/env")[1])["MODE"] == "two"
     assert host.report("envchange").status == "converged"
+
+    logger = runit.status(host.service("envchange") / "log").pid
+    assert logger is not None and uid_of(logger) == 65534
+    host.intent("envchange", port, "1", env={"MODE": "two"}, run_as="root")
+    assert host.converge()
+    assert uid_of(host.status("envchange").pid or 0) == 0
+    assert wait_for(
+        lambda: runit.status(host.service("envchange") / "log").pid not in (None, logger), 5
+    )
+    assert uid_of(runit.status(host.service("envchange") / "log").pid or 0) == 0
 
 
 def test_a_version_not_installed_yet_waits_for_the_preparer(host: Host) -> None:

@@ -381,23 +381,31 @@ def stage_service(stage: Path, spec: ServiceSpec, new: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return
-    _write_files(target, spec)
+    changed = _write_files(target, spec)
+    if "log/run" in changed and runit.is_supervised(target / "log"):
+        # ``restart`` of the service leaves its logger alone: restart it for the new user.
+        runit.restart(target / "log")
 
 
-def _write_files(service_dir: Path, spec: ServiceSpec) -> None:
+def _write_files(service_dir: Path, spec: ServiceSpec) -> set[str]:
+    """Write what differs; returns the paths that changed."""
     (service_dir / "log").mkdir(parents=True, exist_ok=True)
     env_dir = service_dir / ENV_DIR
     env_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(env_dir, 0o700)
+    changed = set()
     for rel, file in spec.files.items():
         path = service_dir / rel
-        fs.write_atomic(path, file.data, file.mode)
+        if fs.write_atomic(path, file.data, file.mode):
+            changed.add(rel)
         if file.gid is not None and path.stat().st_gid != file.gid:
             os.chown(path, -1, file.gid)
     wanted = spec.env_dir_names
     for entry in env_dir.iterdir():
         if entry.name not in wanted:
             entry.unlink()
+            changed.add(f"{ENV_DIR}/{entry.name}")
+    return changed
 
 
 def retire(paths: Paths, name: str, timeout_s: float) -> None:

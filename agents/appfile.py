@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from intent import keys
-from intent.model import AppConfig, DeployConfig, IntentError, Name, describe
+from intent.model import AppConfig, DeployConfig, IntentError, Name, parse
 
 
 class ClusterSpec(BaseModel):
@@ -81,10 +81,7 @@ def parse_app_file(text: str, source: str) -> AppFile:
         raise IntentError(f"{source}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise IntentError(f"{source}: expected a mapping with 'app' and 'clusters'")
-    try:
-        return AppFile.model_validate(data)
-    except ValidationError as exc:
-        raise IntentError(f"{source}: {describe(exc)}") from None
+    return parse(AppFile, data, source)
 
 
 def read_app_file(path: str) -> AppFile:

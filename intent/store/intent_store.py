@@ -19,6 +19,7 @@ from intent.model import (
     AuditRecord,
     DeployConfig,
     IntentError,
+    M,
     NodeAssignment,
     Reality,
     parse,
@@ -105,25 +106,22 @@ class IntentStore:
         return intents
 
     def app_intent(self, app: str, cluster: str) -> AppIntent:
-        errors = []
-        config = deploy = None
-        config_raw = self.get_raw(keys.config(app, cluster))
-        deploy_raw = self.get_raw(keys.deploy_config(app, cluster))
-        if config_raw is None:
-            errors.append(f"{keys.config(app, cluster)}: missing")
-        else:
-            try:
-                config = parse(AppConfig, config_raw.value, keys.config(app, cluster))
-            except IntentError as exc:
-                errors.append(str(exc))
-        if deploy_raw is None:
-            errors.append(f"{keys.deploy_config(app, cluster)}: missing")
-        else:
-            try:
-                deploy = parse(DeployConfig, deploy_raw.value, keys.deploy_config(app, cluster))
-            except IntentError as exc:
-                errors.append(str(exc))
+        errors: list[str] = []
+        config = self._parse_value(AppConfig, keys.config(app, cluster), errors)
+        deploy = self._parse_value(DeployConfig, keys.deploy_config(app, cluster), errors)
         return AppIntent(app, cluster, config, deploy, "; ".join(errors) or None)
+
+    def _parse_value(self, model: type[M], key: str, errors: list[str]) -> M | None:
+        """The stored value at ``key`` parsed as ``model``; problems go to ``errors``."""
+        raw = self.get_raw(key)
+        if raw is None:
+            errors.append(f"{key}: missing")
+            return None
+        try:
+            return parse(model, raw.value, key)
+        except IntentError as exc:
+            errors.append(str(exc))
+            return None
 
     def clusters_of(self, app: str) -> list[str]:
         prefix = self._k(keys.app_clusters(app))

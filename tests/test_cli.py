@@ -646,7 +646,7 @@ def test_sample_intent_loads_into_a_store_for_the_chosen_node_and_root(
     assert PP_BIN.exists(), f"{PP_BIN} is not installed: run scripts/setup"
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    (artifacts / "SHA256SUMS").write_text(f"{C}  hello-1.1.0.tar.gz\n")
+    (artifacts / "SHA256SUMS").write_text(f"{C}  hello/hello_1.1.0.tar.gz\n")
     args = ["--store", url, "--node", "demo-node", "--root", "/srv/demo", "--run-as", "demo"]
     result = subprocess.run(
         [sys.executable, str(LOAD_INTENT), *args, "--artifacts", str(artifacts)],
@@ -670,7 +670,7 @@ def test_sample_intent_loads_into_a_store_for_the_chosen_node_and_root(
     assert hello.deploy.run_as == "demo"
     assert hello.config.active_version == "1.1.0"
     assert hello.config.versions["1.1.0"].sha256 == C
-    assert hello.config.versions["1.1.0"].url == f"file://{artifacts}/hello-1.1.0.tar.gz"
+    assert hello.config.versions["1.1.0"].url == f"file://{artifacts}/hello/hello_1.1.0.tar.gz"
 
 
 def test_sample_intent_keeps_every_port_and_basedir_apart_so_all_can_share_a_host(

@@ -25,6 +25,7 @@ from agents import operator as op
 from agents.appfile import AppFile, read_app_file
 from agents.pack_cli import pack
 from agents.schema import intent_schema
+from agents.setlive.retry import request_retry
 from intent import keys
 from intent.model import IntentError
 from intent.store import IntentStore, StoreError, default_store_url, open_store
@@ -382,6 +383,23 @@ def unassign(env: Env, app: str, nodes: Sequence[str]) -> None:
             store, keys.node_app(node, app), lambda _old: None, app=app, action="unassign", who=who
         )
         click.echo(f"{node}: no longer runs {app}")
+
+
+@cli.command()
+@click.argument("app")
+@click.option("-n", "--node", default=None, help="Only this node (default: every node of APP).")
+@pass_env
+def retry(env: Env, app: str, node: str | None) -> None:
+    """Try again a version that failed its health gate and was rolled back.
+
+    pp-setlive leaves a failed version alone until the intent changes; this asks it
+    to try the same intent once more.
+    """
+    op.check_name("app", app)
+    if node is not None:
+        op.check_name("node", node)
+    for done in request_retry(env.store(), app, node, actor=op.actor()):
+        click.echo(f"{done}: retry of {app} requested")
 
 
 # -- what happened ------------------------------------------------------------------------

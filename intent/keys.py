@@ -20,6 +20,12 @@ def node_app(node: str, app: str) -> str:
     return f"{NODES}{node}/{app}"
 
 
+def retry(node: str, app: str) -> str:
+    """An operator's request that setlive try a failed version again (``pp retry``).
+    Below the assignment, so the node's own watch sees it."""
+    return f"{NODES}{node}/{app}/retry"
+
+
 def app_clusters(app: str) -> str:
     return f"{CLUSTERS}{app}/"
 

@@ -695,3 +695,22 @@ def test_sample_intent_keeps_every_port_and_basedir_apart_so_all_can_share_a_hos
     assert len(set(ports + public)) == len(ports + public) == 8
     assert len(set(basedirs)) == 4
     assert all(b.startswith("/tmp/platypus-demo/") for b in basedirs)
+
+
+def test_retry_writes_a_fresh_token_for_every_node_of_the_app(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    result = pp("retry", "hello")
+    assert result.exit_code == 0, result.output
+    assert "web1: retry of hello requested" in result.output
+    first = store.get_raw(keys.retry("web1", "hello"))
+    assert first is not None and store.get_raw(keys.retry("web2", "hello")) is not None
+    assert pp("retry", "hello", "--node", "web1").exit_code == 0
+    second = store.get_raw(keys.retry("web1", "hello"))
+    assert second is not None and second.value != first.value
+    assert {i.app for i in store.apps_for_node("web1")} == {"hello"}  # not taken for an app
+
+
+def test_retry_of_an_app_not_on_the_node_is_one_clear_error(pp: Pp, hello: str) -> None:
+    line = one_error_line(pp("retry", "hello", "--node", "web9"))
+    assert line == "pp: error: nodes/web9/hello: app hello is not assigned to web9"

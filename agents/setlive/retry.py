@@ -21,12 +21,10 @@ from intent import keys
 from intent.model import AuditRecord, IntentError
 from intent.store import IntentStore
 
-RETRY_NAME = "retry"
-
 
 def retry_key(node: str, app: str) -> str:
     """The retry token's key, relative to the store prefix."""
-    return f"{keys.node_app(node, app)}/{RETRY_NAME}"
+    return keys.retry(node, app)
 
 
 def request_retry(

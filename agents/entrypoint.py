@@ -76,12 +76,12 @@ def run(
     max_parallel: int = 1,
 ) -> NoReturn:
     """Open the store, build the agent and run its loop; exit with its code."""
-    logs.configure(common.log_format)
     try:
         store = open_store(common.store, common.prefix)
     except StoreError as exc:
         fail(str(exc))
     agent = build(store)
+    logs.configure(common.log_format, agent=agent.name, node=common.node)
     runtime = Runtime(
         agent,
         store,
@@ -93,9 +93,7 @@ def run(
         ),
     )
     runtime.install_signal_handlers()
-    structlog.get_logger().info(
-        "agent.starting", agent=agent.name, node=common.node, store=common.store
-    )
+    structlog.get_logger().info("agent.starting", store=common.store)
     try:
         code = runtime.run()
     finally:

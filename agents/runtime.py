@@ -208,7 +208,9 @@ class Runtime:
         log = self.log.bind(app=intent.app)
         started = time.monotonic()
         try:
-            outcome = self.agent.converge(intent)
+            # Every line the agent logs while converging this app names it.
+            with structlog.contextvars.bound_contextvars(app=intent.app):
+                outcome = self.agent.converge(intent)
         except Exception as exc:  # one app's bug must not take the others down
             log.exception("converge.crashed")
             outcome = Outcome.failed(f"internal error: {type(exc).__name__}: {exc}")
@@ -256,7 +258,8 @@ class Runtime:
 
     def _converge_removal(self, app: str) -> Outcome:
         try:
-            outcome = self.agent.remove(app)
+            with structlog.contextvars.bound_contextvars(app=app):
+                outcome = self.agent.remove(app)
         except Exception as exc:
             self.log.exception("remove.crashed", app=app)
             return Outcome.failed(f"internal error removing: {type(exc).__name__}: {exc}")

@@ -167,6 +167,20 @@ def test_an_intent_change_ends_the_backoff_at_once(store: IntentStore) -> None:
     assert agent.converged[-1] == ("bad", "1.1")
 
 
+def test_a_retry_request_makes_the_app_due_without_a_resync(store: IntentStore) -> None:
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    rt.run_pass()
+    assert len(agent.converged) == 1  # converged and unchanged: not due
+    store.put_json(keys.retry(NODE, "hello"), {"token": "t1", "at": 0, "actor": "op"})
+    rt.run_pass()
+    assert len(agent.converged) == 2
+    (intent,) = store.apps_for_node(NODE)
+    assert intent.retry_token == "t1" and intent.valid
+
+
 def test_unassigned_apps_are_removed_and_their_reality_cleared(store: IntentStore) -> None:
     put_app(store, "hello")
     agent = RecordingAgent()

@@ -20,7 +20,6 @@ from agents.runtime import Agent, Outcome
 from agents.setlive import observe as obs
 from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
 from agents.setlive.plan import Desired, Observed, Plan, VersionInfo, fingerprint, plan
-from agents.setlive.retry import read_retry_token
 from agents.setlive.services import ENV_DIR, render
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
@@ -163,6 +162,7 @@ class SetliveAgent(Agent):
             progress=progress,
             stop=self.stop,
             guard_deadline_s=self.guard_deadline_s,
+            retry_token=intent.retry_token,
         )
 
     def _check(self, intent: AppIntent, layout: AppLayout, version: str) -> health.Check | None:
@@ -229,12 +229,7 @@ class SetliveAgent(Agent):
         names = {n for n, a in obs.staged_services(self.paths.stage).items() if a == intent.app}
         names |= {s.name for info in versions.values() for s in info.services}
         services = {name: obs.observe_service(self.paths, name) for name in sorted(names)}
-        retry_token = None
-        if state.failure is not None:
-            try:
-                retry_token = read_retry_token(self.store, self.node, intent.app)
-            except StoreError:
-                retry_token = state.failure.retry_token  # keep the mark while the store is away
+        retry_token = intent.retry_token if state.failure is not None else None
         own = [s for s in services.values() if s.owner == intent.app]
         healthy = None
         self._probes.pop(intent.app, None)
@@ -275,9 +270,7 @@ class SetliveAgent(Agent):
             rolled_back_to=result.gate_action.rollback_to,
             output=result.gate.output,
             failed_at=time.time(),
-            retry_token=observed.retry_token
-            if observed.failure
-            else self._retry_token_now(intent.app),
+            retry_token=intent.retry_token,
         )
         state = self.state.load(intent.app)
         self.state.save(intent.app, replace(state, failure=failure, pending=None))
@@ -288,12 +281,6 @@ class SetliveAgent(Agent):
             to=failure.rolled_back_to,
             output=failure.output,
         )
-
-    def _retry_token_now(self, app: str) -> str | None:
-        try:
-            return read_retry_token(self.store, self.node, app)
-        except StoreError:
-            return None
 
     def _report_progress(self, app: str, reason: str, version: str | None) -> None:
         report = Reality(

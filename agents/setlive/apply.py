@@ -52,7 +52,6 @@ from agents.setlive.plan import (
     healthy_peers,
     lease_limit,
 )
-from agents.setlive.retry import read_retry_token
 from agents.setlive.services import ENV_DIR, ServiceSpec
 from agents.setlive.state import Pending, StateDir
 from agents.system import fs, runit
@@ -89,6 +88,7 @@ class ApplyContext:
     stop: threading.Event | None = None
     guard_deadline_s: float | None = None
     """How long the self-deploy guard waits; None: twice the gate's deadline plus margin."""
+    retry_token: str | None = None
 
 
 @dataclass
@@ -259,9 +259,7 @@ def start_guard(ctx: ApplyContext, action: StartGuard) -> None:
     deadline = ctx.guard_deadline_s
     if deadline is None:
         deadline = 2 * ctx.gate.deadline_s + ctx.supervise_timeout_s + 30
-    token = None
-    with contextlib.suppress(StoreError):
-        token = read_retry_token(ctx.store, ctx.node, ctx.app)
+    token = ctx.retry_token
     argv = [
         "setsid", "-f", sys.executable, "-m", "agents.setlive.guard",
         "--app", ctx.app, "--basedir", str(ctx.layout.basedir),

@@ -13,7 +13,6 @@ once; the node's assignment listing ignores keys below ``<app>/``.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -48,14 +47,3 @@ def request_retry(
             AuditRecord(app=app, key=retry_key(target, app), action="retry", actor=actor, new=value)
         )
     return nodes
-
-
-def read_retry_token(store: IntentStore, node: str, app: str) -> str | None:
-    raw = store.get_raw(retry_key(node, app))
-    if raw is None:
-        return None
-    try:
-        token = json.loads(raw.value).get("token")
-    except (ValueError, AttributeError):
-        return None
-    return token if isinstance(token, str) else None

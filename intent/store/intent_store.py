@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from intent import keys
@@ -50,6 +50,8 @@ class AppIntent:
     config: AppConfig | None = None
     deploy: DeployConfig | None = None
     error: str | None = None
+    retry_token: str | None = None
+    """Set by ``pp retry``: a new token asks for a failed version to be tried again."""
 
     @property
     def valid(self) -> bool:
@@ -82,27 +84,36 @@ class IntentStore:
 
     # -- intent ---------------------------------------------------------------------------
 
+    def _node_entries(self, node: str) -> dict[str, Versioned[bytes]]:
+        """Everything under ``nodes/<node>/``, keyed relative to it."""
+        prefix = self._k(keys.node_apps(node))
+        return {e.key[len(prefix) :]: Versioned(e.value, e.version) for e in self.kv.list(prefix)}
+
     def assignments(self, node: str) -> dict[str, Versioned[bytes]]:
         """The raw ``nodes/<node>/<app>`` values, keyed by app."""
-        prefix = self._k(keys.node_apps(node))
-        return {
-            e.key[len(prefix) :]: Versioned(e.value, e.version)
-            for e in self.kv.list(prefix)
-            if "/" not in e.key[len(prefix) :]
-        }
+        return {name: v for name, v in self._node_entries(node).items() if "/" not in name}
 
     def apps_for_node(self, node: str) -> list[AppIntent]:
         """Every app assigned to ``node``, each parsed on its own so one bad app
         never hides the others."""
+        entries = self._node_entries(node)
         intents = []
-        for app, raw in sorted(self.assignments(node).items()):
+        for app, raw in sorted(entries.items()):
+            if "/" in app:
+                continue
             key = keys.node_app(node, app)
             try:
                 assignment = parse(NodeAssignment, raw.value, key)
             except IntentError as exc:
                 intents.append(AppIntent(app=app, error=str(exc)))
                 continue
-            intents.append(self.app_intent(app, assignment.cluster))
+            retry = entries.get(keys.retry(node, app).removeprefix(keys.node_apps(node)))
+            intents.append(
+                replace(
+                    self.app_intent(app, assignment.cluster),
+                    retry_token=_retry_token(retry.value) if retry else None,
+                )
+            )
         return intents
 
     def app_intent(self, app: str, cluster: str) -> AppIntent:
@@ -209,6 +220,15 @@ class IntentStore:
 
     def close(self) -> None:
         self.kv.close()
+
+
+def _retry_token(raw: bytes) -> str | None:
+    """The token of a ``pp retry`` request; anything unreadable counts as none."""
+    try:
+        token = json.loads(raw).get("token")
+    except (ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
 
 
 def _same_apart_from_time(old: Reality, new: Reality) -> bool:

@@ -76,12 +76,15 @@ def run(
     max_parallel: int = 1,
 ) -> NoReturn:
     """Open the store, build the agent and run its loop; exit with its code."""
+    # Before the agent is built: loggers it binds then keep the configuration.
+    logs.configure(common.log_format)
+    logs.always(node=common.node)
     try:
         store = open_store(common.store, common.prefix)
     except StoreError as exc:
         fail(str(exc))
     agent = build(store)
-    logs.configure(common.log_format, agent=agent.name, node=common.node)
+    logs.always(agent=agent.name)
     runtime = Runtime(
         agent,
         store,

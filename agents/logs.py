@@ -15,17 +15,24 @@ import structlog
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure(log_format: LogFormat = "auto", level: int = logging.INFO, **always: str) -> None:
-    """Set up logging; ``always`` fields (an agent's name and node) go on every line,
-    from every module and thread, unless a line sets them itself."""
+_always: dict[str, str] = {}
 
-    def add_always(
-        logger: object, method: str, event: structlog.typing.EventDict
-    ) -> structlog.typing.EventDict:
-        for key, value in always.items():
-            event.setdefault(key, value)
-        return event
 
+def always(**fields: str) -> None:
+    """Put ``fields`` (an agent's name, its node) on every line from now on, from every
+    module and thread, unless a line sets them itself."""
+    _always.update(fields)
+
+
+def _add_always(
+    logger: object, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    for key, value in _always.items():
+        event.setdefault(key, value)
+    return event
+
+
+def configure(log_format: LogFormat = "auto", level: int = logging.INFO) -> None:
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -33,7 +40,7 @@ def configure(log_format: LogFormat = "auto", level: int = logging.INFO, **alway
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            add_always,
+            _add_always,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def watch_wakeups(store: IntentStore, rounds: int) -> list[float]:
 
         thread = threading.Thread(target=watcher)
         thread.start()
-        time.sleep(0.2)  # let the watcher block (and, for SQLite, land mid-poll at random)
+        time.sleep(random.uniform(0.2, 0.3))  # let it block; land anywhere in a poll period
         started = time.perf_counter()
         store.kv.put(prefix + "key", str(i).encode())
         woke.wait(10)

@@ -30,6 +30,11 @@ def app_clusters(app: str) -> str:
     return f"{CLUSTERS}{app}/"
 
 
+def cluster(app: str, cluster: str) -> str:
+    """Prefix of one cluster's values: one listing reads config and deploy_config."""
+    return f"{CLUSTERS}{app}/{cluster}/"
+
+
 def config(app: str, cluster: str) -> str:
     return f"{CLUSTERS}{app}/{cluster}/config"
 

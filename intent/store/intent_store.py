@@ -117,19 +117,23 @@ class IntentStore:
         return intents
 
     def app_intent(self, app: str, cluster: str) -> AppIntent:
+        # One listing instead of two reads: a node's pass costs one request per app.
+        values = {e.key: e.value for e in self.kv.list(self._k(keys.cluster(app, cluster)))}
         errors: list[str] = []
-        config = self._parse_value(AppConfig, keys.config(app, cluster), errors)
-        deploy = self._parse_value(DeployConfig, keys.deploy_config(app, cluster), errors)
+        config = self._parse_value(AppConfig, keys.config(app, cluster), values, errors)
+        deploy = self._parse_value(DeployConfig, keys.deploy_config(app, cluster), values, errors)
         return AppIntent(app, cluster, config, deploy, "; ".join(errors) or None)
 
-    def _parse_value(self, model: type[M], key: str, errors: list[str]) -> M | None:
-        """The stored value at ``key`` parsed as ``model``; problems go to ``errors``."""
-        raw = self.get_raw(key)
+    def _parse_value(
+        self, model: type[M], key: str, values: dict[str, bytes], errors: list[str]
+    ) -> M | None:
+        """``values[key]`` parsed as ``model``; problems go to ``errors``."""
+        raw = values.get(self._k(key))
         if raw is None:
             errors.append(f"{key}: missing")
             return None
         try:
-            return parse(model, raw.value, key)
+            return parse(model, raw, key)
         except IntentError as exc:
             errors.append(str(exc))
             return None

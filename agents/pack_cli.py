@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from agents.operator import OperatorError, check_name
 from agents.pack import PackError
 from agents.pack import pack as build_and_publish
 from agents.system.signing import SignatureError, load_private_key, sign
-from intent.model import NAME_PATTERN
 
 
 def _name(what: str) -> Callable[[click.Context, click.Parameter, str], str]:
     def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, value) or ".." in value:
-            raise click.BadParameter(
-                f"{what} {value!r}: use letters, digits, '.', '_' and '-' (up to 64, "
-                "starting with a letter or digit, no '..')"
-            )
-        return value
+        try:
+            return check_name(what, value)
+        except OperatorError as exc:
+            raise click.BadParameter(str(exc)) from None
 
     return check
 

@@ -26,7 +26,7 @@ from pydantic import (
 M = TypeVar("M", bound=BaseModel)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
@@ -129,7 +129,7 @@ class DeployConfig(_Strict):
     run_as: Annotated[str, StringConstraints(pattern=_USER_PATTERN)] = "nobody"
     ports: list[PortSpec] = Field(default_factory=list)
     health_check: HealthCheck | None = None
-    env: dict[Annotated[str, StringConstraints(pattern=_ENV_NAME_PATTERN)], str] = Field(
+    env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], str] = Field(
         default_factory=dict
     )
     elb: list[LoadBalancer] = Field(default_factory=list)

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from intent.model import DeployConfig
+from intent.model import ENV_NAME_PATTERN, DeployConfig
 
 OWNER_FILE = "pp-service.json"
 CONFIG_FILE = "config.json"
 ENV_DIR = "env"
 DIGEST_VAR = "PP_CONFIG_DIGEST"
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
 @dataclass(frozen=True)

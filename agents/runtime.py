@@ -336,14 +336,15 @@ class Runtime:
             if force:
                 self._resync_requested = False
                 next_resync = now + self.options.resync_interval_s * random.uniform(0.8, 1.2)
-            converged = self.run_pass(force=force)
+            self.run_pass(force=force)
             if self._stopping.is_set():
                 break
-            self._wake.wait(self._sleep_until(next_resync, converged) - self.clock())
+            self._wake.wait(self._sleep_until(next_resync) - self.clock())
         self.log.info("agent.stopped")
         return 0
 
-    def _sleep_until(self, next_resync: float, converged: bool) -> float:
+    def _sleep_until(self, next_resync: float) -> float:
+        """The next moment something is due: a resync, an app's retry, a store retry."""
         deadlines = [next_resync] + [s.next_attempt for s in self._apps.values() if s.next_attempt]
         if self._store_reachable is False:
             deadlines.append(self.clock() + self.backoff(self._store_failures))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -17,7 +18,7 @@ import structlog
 from agents import logs
 from agents.runtime import Agent, Runtime, RuntimeOptions
 from intent import keys
-from intent.store import IntentStore, StoreError, default_store_url, open_store
+from intent.store import IntentStore, StoreError, StoreUnavailable, default_store_url, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,6 +71,26 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _open_store(common: CommonOptions) -> IntentStore:
+    """Open the store, waiting for it (logged once) unless ``--once``: an agent that
+    cannot converge keeps trying and says why."""
+    delay = 1.0
+    logged = False
+    while True:
+        try:
+            return open_store(common.store, common.prefix, create=False)
+        except StoreUnavailable as exc:
+            if common.once:
+                fail(str(exc))
+            if not logged:
+                structlog.get_logger().warning("store.unreachable", error=str(exc))
+                logged = True
+        except StoreError as exc:
+            fail(str(exc))
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
 def run(
     common: CommonOptions,
     build: Callable[[IntentStore], Agent],
@@ -79,10 +100,7 @@ def run(
     # Before the agent is built: loggers it binds then keep the configuration.
     logs.configure(common.log_format)
     logs.always(node=common.node)
-    try:
-        store = open_store(common.store, common.prefix)
-    except StoreError as exc:
-        fail(str(exc))
+    store = _open_store(common)
     agent = build(store)
     logs.always(agent=agent.name)
     runtime = Runtime(

@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import structlog
 import tenacity
 
-from intent.model import Reality, Status
-from intent.store import AppIntent, IntentStore, StoreError
+from intent.model import Reality, Status, is_safe_name
+from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable
 from intent.store.kv import WatchToken
 
 
@@ -97,6 +97,7 @@ class RuntimeOptions:
 class _AppState:
     last_good: AppIntent | None = None
     attempted: AppIntent | None = None
+    intent_error: bool = False
     failures: int = 0
     next_attempt: float = 0.0
 
@@ -116,6 +117,7 @@ class Runtime:
         self.log = structlog.get_logger().bind(agent=agent.name, node=options.node)
         self._apps: dict[str, _AppState] = {}
         self._store_reachable: bool | None = None
+        self._last_report_error: str | None = None
         self._store_failures = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -156,7 +158,11 @@ class Runtime:
             outcome = outcomes.get(intent.app)
             if outcome is not None:
                 self._schedule(intent.app, outcome)
-            if intent.error is not None:
+            if not is_safe_name(intent.app):
+                # Never a key or a path: say so in the log, where the operator can see it.
+                all_converged = False
+                self.log.error("intent.invalid_app_name", error=intent.error)
+            elif intent.error is not None:
                 all_converged = False
                 held = (
                     state.last_good.config.active_version
@@ -179,6 +185,9 @@ class Runtime:
         effective = {}
         for intent in intents:
             state = self._apps.setdefault(intent.app, _AppState())
+            if intent.valid and state.intent_error:
+                state.attempted = None  # fixed intent: converge and report it at once
+            state.intent_error = intent.error is not None
             if intent.valid:
                 state.last_good = intent
             if state.last_good is not None:
@@ -196,15 +205,21 @@ class Runtime:
         return self._apps[app].attempted != intent
 
     def _converge_apps(self, intents: Mapping[str, AppIntent]) -> dict[str, Outcome]:
+        """Converge each app; apps not started before a stop request are left for later."""
         for app, intent in intents.items():
             self._apps[app].attempted = intent
         if len(intents) <= 1 or self.options.max_parallel <= 1:
-            return {app: self._converge_one(intent) for app, intent in intents.items()}
-        with ThreadPoolExecutor(self.options.max_parallel) as pool:
-            futures = {app: pool.submit(self._converge_one, i) for app, i in intents.items()}
-            return {app: future.result() for app, future in futures.items()}
+            outcomes = {app: self._converge_one(intent) for app, intent in intents.items()}
+        else:
+            with ThreadPoolExecutor(self.options.max_parallel) as pool:
+                futures = {app: pool.submit(self._converge_one, i) for app, i in intents.items()}
+                outcomes = {app: future.result() for app, future in futures.items()}
+        return {app: outcome for app, outcome in outcomes.items() if outcome is not None}
 
-    def _converge_one(self, intent: AppIntent) -> Outcome:
+    def _converge_one(self, intent: AppIntent) -> Outcome | None:
+        if self._stopping.is_set():
+            self._apps[intent.app].attempted = None  # not done: due again after a restart
+            return None
         log = self.log.bind(app=intent.app)
         started = time.monotonic()
         try:
@@ -242,8 +257,16 @@ class Runtime:
         return float(self._backoff(retry_state))
 
     def _remove_unassigned(self, assigned: set[str]) -> bool:
+        try:
+            found = self.agent.unmanaged(assigned)
+        except Exception:
+            self.log.exception("unmanaged.crashed")
+            return False
         all_removed = True
-        for app in self.agent.unmanaged(assigned):
+        for app in found:
+            if not self._confirmed_unassigned(app):
+                all_removed = False
+                continue
             outcome = self._converge_removal(app)
             if outcome.status == "converged":
                 self._quietly(
@@ -255,6 +278,21 @@ class Runtime:
                 all_removed = False
                 self._report(app, outcome)
         return all_removed
+
+    def _confirmed_unassigned(self, app: str) -> bool:
+        """Removal stops an app, so it needs more than an empty listing, which a store
+        can also give for a token that may not read the node's keys: the exact key
+        must be absent too. Any doubt holds."""
+        try:
+            absent = not self.store.is_assigned(self.options.node, app)
+        except StoreError as exc:
+            self.log.warning("remove.held", app=app, error=str(exc))
+            return False
+        if not absent:
+            self.log.warning(
+                "remove.held", app=app, error="listed as unassigned, yet its key exists"
+            )
+        return absent
 
     def _converge_removal(self, app: str) -> Outcome:
         try:
@@ -282,8 +320,12 @@ class Runtime:
         """Reality is best effort: a store outage must not stop convergence."""
         try:
             write()
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             self._store_state(False, exc)
+        except StoreError as exc:  # e.g. an ACL that denies this node's reality keys
+            if str(exc) != self._last_report_error:
+                self._last_report_error = str(exc)
+                self.log.error("reality.write_failed", error=str(exc))
 
     def _store_state(self, reachable: bool, error: Exception | None = None) -> None:
         """Log store outages once per change, not once per attempt."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -35,6 +36,11 @@ def _no_dotdot(value: str) -> str:
     if ".." in value:
         raise ValueError("must not contain '..'")
     return value
+
+
+def is_safe_name(value: str) -> bool:
+    """Whether ``value`` may be used as an app, cluster, node or version name."""
+    return re.fullmatch(NAME_PATTERN, value) is not None and ".." not in value
 
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN), AfterValidator(_no_dotdot)]

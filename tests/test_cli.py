@@ -714,3 +714,12 @@ def test_retry_writes_a_fresh_token_for_every_node_of_the_app(
 def test_retry_of_an_app_not_on_the_node_is_one_clear_error(pp: Pp, hello: str) -> None:
     line = one_error_line(pp("retry", "hello", "--node", "web9"))
     assert line == "pp: error: nodes/web9/hello: app hello is not assigned to web9"
+
+
+def test_history_skips_an_audit_record_it_cannot_read(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    store.kv.put(store.prefix + keys.audit("hello", "zzz-corrupt"), b"not json")
+    result = pp("history", "hello")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions
 from intent import keys
-from intent.store import AppIntent, IntentStore, StoreUnavailable
+from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable, open_store
 from intent.store.kv import Entry
 from intent.store.sqlite import SqliteStore
 
@@ -286,3 +286,114 @@ def test_a_resync_request_converges_again_without_an_intent_change(store: Intent
     finally:
         rt.stop()
         loop.join(10)
+
+
+class HidingKV(SqliteStore):
+    """A store whose listings of one node come back empty while its keys can still be
+    read one by one: what Consul does for a token its ACLs filter."""
+
+    hide = False
+
+    def list(self, prefix: str) -> list[Entry]:
+        if self.hide and prefix.endswith(keys.node_apps(NODE)):
+            return []
+        return super().list(prefix)
+
+
+def test_an_empty_listing_alone_never_removes_an_app(tmp_path: Path) -> None:
+    kv = HidingKV(tmp_path / "intent.db")
+    store = IntentStore(kv)
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    kv.hide = True
+    with capture_logs() as logs:
+        assert rt.run_pass(force=True) is False
+    assert agent.removed == []
+    assert "remove.held" in [e["event"] for e in logs]
+
+
+class DenyingReality(SqliteStore):
+    """Reality writes refused, as by an ACL that does not cover this node's reports."""
+
+    def put(self, key: str, value: bytes, expect: int | None = None) -> bool:
+        if "/reality/" in key:
+            raise StoreError("permission denied")
+        return super().put(key, value, expect)
+
+
+def test_a_refused_report_is_logged_once_and_is_no_store_outage(tmp_path: Path) -> None:
+    store = IntentStore(DenyingReality(tmp_path / "intent.db"))
+    put_app(store, "hello")
+    rt = runtime(store, RecordingAgent())
+    with capture_logs() as logs:
+        for _ in range(4):
+            rt.run_pass(force=True)
+    events = [e["event"] for e in logs]
+    assert events.count("reality.write_failed") == 1
+    assert "store.unreachable" not in events
+
+
+def test_a_fixed_intent_is_reported_at_once(store: IntentStore) -> None:
+    put_app(store, "hello")
+    rt = runtime(store, RecordingAgent())
+    rt.run_pass()
+    good = store.get_raw(keys.deploy_config("hello", "prod"))
+    assert good is not None
+    store.put_json(keys.deploy_config("hello", "prod"), {"basedir": "oops"})
+    rt.run_pass()
+    assert status_of(store, "hello")[0] == "error"
+    store.kv.put(store.prefix + keys.deploy_config("hello", "prod"), good.value)
+    assert rt.run_pass() is True
+    assert status_of(store, "hello") == ("converged", "1.0", None)
+
+
+def test_an_unsafe_app_name_is_never_converged_nor_used_as_a_key(store: IntentStore) -> None:
+    for name in ("..", "x y", "$(id)"):
+        store.put_json(keys.node_app(NODE, name), {"cluster": "prod"})
+        store.put_json(
+            keys.config(name, "prod"), {"versions": {"1": {"state": "active", "sha256": SHA}}}
+        )
+        store.put_json(keys.deploy_config(name, "prod"), {"basedir": "/srv/x"})
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    with capture_logs() as logs:
+        assert runtime(store, agent).run_pass() is False
+    assert agent.converged == [("hello", "1.0")]
+    assert [r.app for r in store.reality(node=NODE)] == ["hello"]
+    assert [e["event"] for e in logs].count("intent.invalid_app_name") == 3
+
+
+def test_a_crash_while_looking_for_unassigned_apps_removes_nothing(store: IntentStore) -> None:
+    class Crashing(RecordingAgent):
+        def unmanaged(self, assigned: Collection[str]) -> list[str]:
+            raise PermissionError("state dir")
+
+    put_app(store, "hello")
+    agent = Crashing()
+    assert runtime(store, agent).run_pass() is False
+    assert agent.removed == [] and agent.converged == [("hello", "1.0")]
+
+
+def test_a_stop_request_is_honoured_between_apps(store: IntentStore) -> None:
+    class Stopping(RecordingAgent):
+        rt: Runtime
+
+        def converge(self, intent: AppIntent) -> Outcome:
+            self.rt.stop()
+            return super().converge(intent)
+
+    put_app(store, "a")
+    put_app(store, "b")
+    agent = Stopping()
+    agent.rt = runtime(store, agent)
+    agent.rt.run_pass()
+    assert agent.converged == [("a", "1.0")]
+    assert [r.app for r in store.reality(node=NODE)] == ["a"]
+
+
+def test_agents_refuse_to_start_an_empty_embedded_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="does not exist: write intent with pp first"):
+        open_store(f"sqlite://{tmp_path}/missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()

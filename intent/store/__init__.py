@@ -45,14 +45,14 @@ def default_store_url() -> str:
     return f"sqlite://{data_home}/platypus/intent.db"
 
 
-def open_kv(url: str) -> KVStore:
+def open_kv(url: str, create: bool = True) -> KVStore:
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         if parts.netloc or not parts.path.startswith("/"):
             raise StoreError(f"store URL {url!r}: use sqlite:///absolute/path.db (three slashes)")
         from intent.store.sqlite import SqliteStore
 
-        return SqliteStore(parts.path)
+        return SqliteStore(parts.path, create=create)
     if parts.scheme in ("consul", "consul+http", "consul+https"):
         from intent.store.consul import ConsulStore
 
@@ -60,5 +60,9 @@ def open_kv(url: str) -> KVStore:
     raise StoreError(f"store URL {url!r}: scheme must be sqlite:// or consul://")
 
 
-def open_store(url: str | None = None, prefix: str = keys.DEFAULT_PREFIX) -> IntentStore:
-    return IntentStore(open_kv(url or default_store_url()), prefix)
+def open_store(
+    url: str | None = None, prefix: str = keys.DEFAULT_PREFIX, create: bool = True
+) -> IntentStore:
+    """The intent store at ``url``; ``create=False`` refuses to start an empty embedded
+    store (what agents do: see ``SqliteStore``)."""
+    return IntentStore(open_kv(url or default_store_url(), create), prefix)

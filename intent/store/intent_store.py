@@ -22,6 +22,7 @@ from intent.model import (
     M,
     NodeAssignment,
     Reality,
+    is_safe_name,
     parse,
 )
 from intent.store.kv import KVStore, WatchToken
@@ -99,9 +100,13 @@ class IntentStore:
         entries = self._node_entries(node)
         intents = []
         for app, raw in sorted(entries.items()):
-            if "/" in app:
+            if "/" in app or not app:  # a retry request, or a folder marker
                 continue
             key = keys.node_app(node, app)
+            if not is_safe_name(app):
+                error = f"{key}: app name {app!r} is not allowed: rename the key"
+                intents.append(AppIntent(app=app, error=error))
+                continue
             try:
                 assignment = parse(NodeAssignment, raw.value, key)
             except IntentError as exc:
@@ -137,6 +142,11 @@ class IntentStore:
         except IntentError as exc:
             errors.append(str(exc))
             return None
+
+    def is_assigned(self, node: str, app: str) -> bool:
+        """An exact read of one assignment key (no listing, so no filtering by a
+        store's access rules hides it)."""
+        return self.get_raw(keys.node_app(node, app)) is not None
 
     def clusters_of(self, app: str) -> list[str]:
         prefix = self._k(keys.app_clusters(app))
@@ -206,10 +216,14 @@ class IntentStore:
         self.kv.put(self._k(keys.audit(record.app, record_id)), record.model_dump_json().encode())
 
     def history(self, app: str) -> list[AuditRecord]:
-        return [
-            AuditRecord.model_validate_json(e.value)
-            for e in self.kv.list(self._k(keys.audit_prefix(app)))
-        ]
+        """The app's audit trail, oldest first; records that do not parse are skipped."""
+        records = []
+        for entry in self.kv.list(self._k(keys.audit_prefix(app))):
+            try:
+                records.append(AuditRecord.model_validate_json(entry.value))
+            except ValueError:
+                continue
+        return records
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -36,8 +36,18 @@ CREATE TABLE IF NOT EXISTS slots (
 
 
 class SqliteStore(KVStore):
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        """Open the store at ``path``; with ``create=False`` a missing file is an error.
+
+        Agents open with ``create=False``: a mistyped path or a wiped database would
+        otherwise look like a node with nothing assigned, and they would remove every
+        app. Only ``pp`` creates the store, with the first intent it writes."""
         self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StoreUnavailable(
+                f"embedded store {self.path} does not exist: write intent with pp first,"
+                " or fix --store/PP_STORE"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(

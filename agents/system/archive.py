@@ -22,13 +22,20 @@ import os
 import posixpath
 import queue
 import stat
-import tarfile
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING or sys.version_info >= (3, 12):
+    import tarfile
+else:
+    # Extraction filters (PEP 706) came in 3.11.4; Debian bookworm's Python is 3.11.2.
+    # The backport is CPython 3.12's tarfile, so every 3.11 runs the same code.
+    from backports import tarfile
 
 CHUNK = 1 << 20
 HEADER_ALLOWANCE = 4096

@@ -12,6 +12,7 @@ import posixpath
 import re
 import time
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -54,10 +55,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+URL_SCHEMES = ("file", "http", "https", "s3")
+
+
 class VersionSpec(_Strict):
     state: Literal["active", "prep"]
     sha256: Sha256
     url: str | None = Field(default=None, min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _fetchable(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsing the port is what validates it
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if parts.scheme not in URL_SCHEMES:
+            raise ValueError(f"must start with {', '.join(s + '://' for s in URL_SCHEMES)}")
+        return value
 
 
 class AppConfig(_Strict):

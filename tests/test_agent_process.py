@@ -30,7 +30,7 @@ def test_agent_repairs_drift_on_sighup_and_stops_cleanly_on_sigterm(tmp_path: Pa
     log = (tmp_path / "agent.log").open("w")
     agent = subprocess.Popen(
         [str(PREPARER), "--store", f"sqlite://{db}", "--node", NODE, "--log-format", "json",
-         "--resync-interval", "3600"],
+         "--resync-interval", "3600", "--repo", f"file://{tmp_path}"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

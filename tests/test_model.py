@@ -145,3 +145,12 @@ def test_the_json_schema_is_published_for_every_stored_value() -> None:
         schema = model.model_json_schema()
         assert schema["additionalProperties"] is False
         json.dumps(schema)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1/x", "ftp://x/y.tar.gz", "x.tar.gz", "http://h:99999/"]
+)
+def test_version_urls_must_be_fetchable(url: str) -> None:
+    versions = {"1": {"state": "active", "sha256": SHA, "url": url}}
+    with pytest.raises(IntentError, match=r"versions\.1\.url"):
+        parse(AppConfig, config(versions=versions), "k")

@@ -16,10 +16,16 @@ from agents.preparer.plan import (
     Refuse,
     Remove,
     Wanted,
-    plan,
+    local_url_refusal,
 )
+from agents.preparer.plan import plan as plan_for
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def plan(wanted: Iterable[Wanted], observed: Observed, keep_old: int = 1) -> list[Action]:
+    """The planner of a preparer whose --repo is /repo, where these tests' URLs point."""
+    return plan_for(wanted, observed, keep_old, local_root="/repo")
 
 
 def url(version: str) -> str:
@@ -210,3 +216,19 @@ def test_plan_properties(scenario: tuple[list[Wanted], Observed, int]) -> None:
     again = plan(wanted, simulate(state, actions), keep_old)
     assert all(isinstance(a, Refuse) for a in again)
     assert again == [a for a in actions if isinstance(a, Refuse)]
+
+
+def test_local_files_are_fetched_only_from_under_the_repo() -> None:
+    assert local_url_refusal("file:///repo/app/app_1.tar.gz", "/repo") is None
+    assert local_url_refusal("https://x/app_1.tar.gz", None) is None
+    for hostile in ("file:///root/secret", "file:///repo/../etc/shadow", "file:///repository/x"):
+        refusal = local_url_refusal(hostile, "/repo")
+        assert refusal is not None and "only under /repo" in refusal
+    refusal = local_url_refusal("file:///srv/app.tar.gz", None)
+    assert refusal is not None and "file:// --repo" in refusal
+
+
+def test_a_file_url_outside_the_repo_is_refused_not_fetched() -> None:
+    wanted = [Wanted("1.0", A, "file:///etc/shadow", active=True)]
+    (action,) = plan_for(wanted, observed(), local_root="/repo")
+    assert isinstance(action, Refuse) and action.version == "1.0"

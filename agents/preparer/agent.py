@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import pwd
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -135,7 +137,7 @@ class Preparer(Agent):
         owner: tuple[int, int] | None,
     ) -> Outcome:
         bound = log.bind(app=app)
-        actions = plan(wanted, observe(layout), self.keep_old)
+        actions = plan(wanted, observe(layout), self.keep_old, self._local_root())
         states = {w.version: "installed" for w in wanted}
         problems: list[str] = []
         pending = [a.version for a in actions if isinstance(a, Install)]
@@ -187,6 +189,16 @@ class Preparer(Agent):
         if problems:
             return Outcome.failed("; ".join(problems), active, **details)
         return Outcome.converged(active, **details)
+
+    def _local_root(self) -> str | None:
+        """The directory of a ``file://`` (or plain path) --repo: local artifacts come
+        only from there."""
+        if self.repo is None:
+            return None
+        url = artifact_url(self.repo, "_", "_")
+        if not url.startswith("file://"):
+            return None
+        return posixpath.normpath(urlsplit(self.repo.removeprefix("file://")).path)
 
     def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
         """Say 'fetching' while a long download runs (the runtime reports only after)."""

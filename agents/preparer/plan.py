@@ -6,8 +6,10 @@ collect and what to keep for rollback) is tested with plain data.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,29 @@ class Refuse:
 Action = CleanStray | Remove | Install | Refuse
 
 
-def plan(wanted: Iterable[Wanted], observed: Observed, keep_old: int = 1) -> list[Action]:
+def local_url_refusal(url: str, local_root: str | None) -> str | None:
+    """Why a ``file://`` URL is refused, or None when it may be fetched.
+
+    URLs come from ``config``, which app owners write, and the preparer reads as root:
+    a ``file://`` URL anywhere on the host would let an app owner read any file (its
+    sha256 is reported, and once matched it is extracted and handed to ``run_as``). So
+    local files are fetched only from under the preparer's own ``--repo`` directory.
+    """
+    if not url.startswith("file://"):
+        return None
+    path = posixpath.normpath(urlsplit(url).path)
+    if local_root is not None and path.startswith(local_root.rstrip("/") + "/"):
+        return None
+    where = f"under {local_root}" if local_root else "when pp-preparer has a file:// --repo"
+    return f"file:// URLs are fetched only {where}; publish {path} there or use http(s)/s3"
+
+
+def plan(
+    wanted: Iterable[Wanted],
+    observed: Observed,
+    keep_old: int = 1,
+    local_root: str | None = None,
+) -> list[Action]:
     """The actions that bring one app's installs in line with its intent.
 
     Order matters: leftovers first, then garbage (it frees disk space for the
@@ -89,6 +113,8 @@ def plan(wanted: Iterable[Wanted], observed: Observed, keep_old: int = 1) -> lis
             actions.append(
                 Refuse(want.version, "the version has no url and pp-preparer has no --repo")
             )
+        elif refusal := local_url_refusal(want.url, local_root):
+            actions.append(Refuse(want.version, refusal))
         elif present is not None and want.version == observed.current:
             actions.append(Refuse(want.version, _running_mismatch(present, want)))
         else:

@@ -72,7 +72,10 @@ class _HashingWriter:
 def build(directory: Path, out: BinaryIO, mtime: int | None = None) -> str:
     """Write the tar.gz of ``directory`` to ``out``; returns its sha256."""
     if mtime is None:
-        mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+        epoch = os.environ.get("SOURCE_DATE_EPOCH", "0") or "0"
+        if not epoch.isdigit():
+            raise PackError(f"SOURCE_DATE_EPOCH={epoch!r}: must be a whole number of seconds")
+        mtime = int(epoch)
     writer = _HashingWriter(out)
     with (
         gzip.GzipFile(
@@ -82,11 +85,15 @@ def build(directory: Path, out: BinaryIO, mtime: int | None = None) -> str:
     ):
         for path, name in _entries(directory):
             info = _tarinfo(path, name, mtime)
-            if info.isreg():
-                with path.open("rb") as f:
-                    tar.addfile(info, f)
-            else:
+            if not info.isreg():
                 tar.addfile(info)
+                continue
+            try:
+                source = path.open("rb")
+            except OSError as exc:  # the source's fault, not the destination's
+                raise PackError(f"{path}: {exc.strerror or exc}") from None
+            with source:
+                tar.addfile(info, source)
     return str(writer.hasher.hexdigest())
 
 

@@ -24,7 +24,9 @@ _RULE = re.compile(r"(?:\[(\d+):(\d+)\] )?-([AID]) (\S+)(?: (\d+))? ?(.*)")
 
 class FakeTables(Iptables):
     def __init__(self) -> None:
-        super().__init__(["iptables"], ["iptables-restore"], ["iptables-save"])
+        # Commands that can do nothing: a method the fake forgets to override must fail,
+        # never reach this machine's own packet filter.
+        super().__init__(["false"], ["false"], ["false"])
         self.chains: dict[str, dict[str, list[list[object]]]] = {
             table: {chain: [] for chain in chains} for table, chains in BUILTIN.items()
         }

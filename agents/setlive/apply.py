@@ -349,11 +349,7 @@ def _not_up_detail(
 def log_tail(path: Path, lines: int = 2, limit: int = 4096) -> str:
     """The last lines the app wrote (svlogd's ``current``), without timestamps."""
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            text = f.read().decode("utf-8", "replace")
+        text = fs.read_small(path, limit, tail=True).decode("utf-8", "replace")
     except OSError:
         return ""
     tail = [ln.split(" ", 1)[-1] if ln.startswith("@") else ln for ln in text.splitlines()[-lines:]]
@@ -394,10 +390,8 @@ def _write_files(service_dir: Path, spec: ServiceSpec) -> set[str]:
     changed = set()
     for rel, file in spec.files.items():
         path = service_dir / rel
-        if fs.write_atomic(path, file.data, file.mode):
+        if fs.write_atomic(path, file.data, file.mode, file.gid):
             changed.add(rel)
-        if file.gid is not None and path.stat().st_gid != file.gid:
-            os.chown(path, -1, file.gid)
     wanted = spec.env_dir_names
     for entry in env_dir.iterdir():
         if entry.name not in wanted:

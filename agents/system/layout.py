@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.system.fs import read_small
+
 MARKER_NAME = ".pp-installed.json"
 
 
@@ -55,7 +57,7 @@ class AppLayout:
     def read_marker(self, version: str) -> InstallMarker | None:
         """The completion marker, or None when the install is absent or incomplete."""
         try:
-            data = json.loads(self.marker(version).read_bytes())
+            data = json.loads(read_small(self.marker(version)))
             return InstallMarker(str(data["sha256"]), float(data["installed_at"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None

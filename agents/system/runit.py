@@ -296,5 +296,11 @@ def set_down_file(service_dir: Path, present: bool) -> bool:
 
 
 def remove_service_dir(service_dir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(service_dir)
+    """Rename the directory to a temp name, then delete it: a crash mid-way leaves a
+    leftover that start-up cleans, never a half directory under the service's name."""
+    doomed = fs.temp_name(service_dir)
+    try:
+        os.rename(service_dir, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

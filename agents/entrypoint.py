@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import structlog
@@ -18,6 +18,7 @@ import structlog
 from agents import logs
 from agents.runtime import Agent, Runtime, RuntimeOptions
 from intent import keys
+from intent.model import is_safe_name
 from intent.store import IntentStore, StoreError, StoreUnavailable, default_store_url, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,6 +34,37 @@ class CommonOptions:
     log_format: logs.LogFormat
 
 
+class _OneLineUsageError(click.UsageError):
+    def show(self, file: IO[Any] | None = None) -> None:
+        name = self.ctx.command_path if self.ctx is not None else "pp"
+        click.echo(f"{name}: error: {self.format_message()} (see '{name} --help')", err=True)
+
+
+class AgentCommand(click.Command):
+    """An agent's command line: a usage error is one line naming what to fix."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not is_safe_name(value):
+        raise click.BadParameter(
+            f"{value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter"
+            " or digit, without '..' (a hostname with other characters needs --node)"
+        )
+    return value
+
+
 def common_options(command: F) -> F:
     """Add the flags every agent takes; the values arrive as ``common``."""
     options = [
@@ -42,7 +74,8 @@ def common_options(command: F) -> F:
         click.option("--prefix", envvar="PP_PREFIX", default=keys.DEFAULT_PREFIX,
                      show_default=True, help="Key prefix of this deployment's intent."),
         click.option("--node", envvar="PP_NODE", default=socket.gethostname,
-                     show_default="hostname", help="This host's name in nodes/<node>/."),
+                     show_default="hostname", callback=_node_name,
+                     help="This host's name in nodes/<node>/."),
         click.option("--once", is_flag=True,
                      help="Converge one pass and exit: 0 when converged, 1 otherwise."),
         click.option("--resync-interval", type=click.FloatRange(min=1), default=60.0,

@@ -54,3 +54,16 @@ def test_agent_repairs_drift_on_sighup_and_stops_cleanly_on_sigterm(tmp_path: Pa
     assert all(e.get("app") == "hello" for e in events if e["event"].startswith("install."))
     (report,) = store.reality(node=NODE, app="hello")
     assert report.status == "converged"
+
+
+def test_agent_usage_errors_are_one_line(tmp_path: Path) -> None:
+    for agent in ("pp-preparer", "pp-setlive", "pp-iptables"):
+        done = subprocess.run(
+            [str(PREPARER.with_name(agent)), "--node", "a/b", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"{agent}: error: Invalid value for '--node': 'a/b'")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from agents.entrypoint import common_options, fail, pop_common, run
+from agents.entrypoint import AgentCommand, common_options, fail, pop_common, run
 from agents.iptables.agent import Ip6tablesAgent, IptablesAgent
 from agents.system.iptables import Iptables
 
@@ -39,7 +39,7 @@ def _suffixed(words: list[str], suffix: str) -> list[str]:
     return [*words[:-1], words[-1] + suffix]
 
 
-@click.command("pp-iptables")
+@click.command("pp-iptables", cls=AgentCommand)
 @common_options
 @click.option(
     "--ipv6",

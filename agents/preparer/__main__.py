@@ -35,7 +35,7 @@ class ByteSize(click.ParamType[int, Any]):
         return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
-@click.command("pp-preparer")
+@click.command("pp-preparer", cls=entrypoint.AgentCommand)
 @entrypoint.common_options
 @click.option(
     "--repo",

@@ -35,7 +35,7 @@ def _lock(state_dir: Path) -> int:
     return fd
 
 
-@click.command("pp-setlive")
+@click.command("pp-setlive", cls=entrypoint.AgentCommand)
 @entrypoint.common_options
 @click.option(
     "--runit",

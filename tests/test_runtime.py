@@ -73,6 +73,16 @@ def runtime(store: IntentStore, agent: Agent, clock: Clock | None = None) -> Run
     return Runtime(agent, store, options, clock=clock or Clock())
 
 
+def converged_on(kv: SqliteStore) -> tuple[IntentStore, RecordingAgent, Runtime]:
+    """A store over ``kv`` with app ``hello``, and an agent that has converged it once."""
+    store = IntentStore(kv)
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = runtime(store, agent)
+    rt.run_pass()
+    return store, agent, rt
+
+
 def status_of(store: IntentStore, app: str) -> tuple[str, str | None, str | None]:
     (report,) = store.reality(node=NODE, app=app)
     return report.status, report.version, report.error
@@ -221,11 +231,7 @@ class UnreachableKV(SqliteStore):
 
 def test_a_store_outage_tears_nothing_down_and_is_logged_once(tmp_path: Path) -> None:
     kv = UnreachableKV(tmp_path / "intent.db")
-    store = IntentStore(kv)
-    put_app(store, "hello")
-    agent = RecordingAgent()
-    rt = runtime(store, agent)
-    rt.run_pass()
+    store, agent, rt = converged_on(kv)
     kv.down = True
     with capture_logs() as logs:
         for _ in range(5):
@@ -302,11 +308,7 @@ class HidingKV(SqliteStore):
 
 def test_an_empty_listing_alone_never_removes_an_app(tmp_path: Path) -> None:
     kv = HidingKV(tmp_path / "intent.db")
-    store = IntentStore(kv)
-    put_app(store, "hello")
-    agent = RecordingAgent()
-    rt = runtime(store, agent)
-    rt.run_pass()
+    _, agent, rt = converged_on(kv)
     kv.hide = True
     with capture_logs() as logs:
         assert rt.run_pass(force=True) is False

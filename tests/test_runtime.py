@@ -231,7 +231,7 @@ class UnreachableKV(SqliteStore):
 
 def test_a_store_outage_tears_nothing_down_and_is_logged_once(tmp_path: Path) -> None:
     kv = UnreachableKV(tmp_path / "intent.db")
-    store, agent, rt = converged_on(kv)
+    _, agent, rt = converged_on(kv)
     kv.down = True
     with capture_logs() as logs:
         for _ in range(5):

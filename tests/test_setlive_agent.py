@@ -609,6 +609,56 @@ def test_a_launch_directory_runs_each_entry_as_a_service_switched_together(host:
     assert wait_for(lambda: "worker 3 of multi started" in _log(host, "multi-worker"), 5)
 
 
+def test_a_changed_service_set_keeps_the_old_version_serving_until_the_switch(host: Host) -> None:
+    port = free_port()
+    host.install("reshape", "1")
+    host.install("reshape", "2", source="multiapp")
+    host.install("reshape", "3")
+    host.intent("reshape", port, "1", run_as="root")
+    assert host.converge()
+    time.sleep(1.1)  # runsv delays a restart within a second of the last start
+
+    # one service -> two: the new ones wait for runsvdir's scan while 1 still answers
+    results: list[tuple[float, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            at = time.monotonic()
+            try:
+                results.append((at, get(port, timeout=0.5)[1]))
+            except (OSError, http.client.HTTPException):
+                results.append((at, None))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        host.intent("reshape", port, "2", run_as="root")
+        assert host.converge(), host.report("reshape")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join()
+    failures = [at for at, body in results if body is None]
+    window = failures[-1] - failures[0] if failures else 0.0
+    print(f"\nservice set change gap: {len(failures)} failed, window {window * 1000:.0f} ms")
+    assert window < 1.0, "the old service stopped before the new ones were supervised"
+    assert get(port) == (200, "reshape 2") and not host.service("reshape").exists()
+
+    # two -> one, killed once the new service is supervised: nothing moved yet
+    time.sleep(1.1)
+    host.intent("reshape", port, "3", run_as="root")
+    killed = host.setlive_process(PP_SETLIVE_FAILPOINT="after-await-supervised")
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert host.status("reshape").supervised and host.status("reshape").state == "down"
+    assert host.current("reshape") == "2"
+    assert get(port) == (200, "reshape 2")
+    assert host.converge(), host.report("reshape")
+    assert get(port) == (200, "reshape 3")
+    assert not host.service("reshape-web").exists() and host.previous("reshape") == "2"
+
+
 def _log(host: Host, service: str) -> str:
     try:
         return (host.paths.log_root / service / "current").read_text()

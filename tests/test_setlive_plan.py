@@ -87,14 +87,14 @@ def gate_of(plan: p.Plan) -> p.AwaitHealth:
 # -- deploys -----------------------------------------------------------------------------------
 
 
-def test_first_deploy_stages_with_a_down_file_switches_then_links_and_starts() -> None:
+def test_first_deploy_stages_and_links_with_a_down_file_switches_then_starts() -> None:
     result = p.plan(desired("1"), observed(current=None, versions={"1": installed()}, services={}))
     assert kinds(result) == [
         "StageService",
-        "SavePending",
-        "SetCurrent",
         "LinkService",
         "AwaitSupervised",
+        "SavePending",
+        "SetCurrent",
         "StartService",
         "SetAutostart",
         "AwaitHealth",
@@ -391,13 +391,48 @@ def test_a_launch_directory_becomes_services_switched_together() -> None:
     web, worker = spec("web-web", entry="web"), spec("web-worker", entry="worker")
     versions = {"1": installed(), "2": installed(web, worker)}
     result = p.plan(desired("2"), observed(current="1", versions=versions))
-    k = kinds(result)
-    assert k.index("RetireService") < k.index("StageService") < k.index("SetCurrent")
     assert [a.name for a in result.actions if isinstance(a, p.StartService)] == [
         "web-web",
         "web-worker",
     ]
     assert gate_of(result).services == ("web-web", "web-worker")
+
+
+def test_a_changed_service_set_is_ready_before_the_switch_and_the_old_goes_last() -> None:
+    # The old service keeps serving while the new ones are staged and wait for runsvdir;
+    # it is retired only after the switch, right before the new ones start.
+    web, worker = spec("web-web", entry="web"), spec("web-worker", entry="worker")
+    versions = {"1": installed(), "2": installed(web, worker)}
+    result = p.plan(desired("2"), observed(current="1", versions=versions))
+    assert kinds(result) == [
+        "StageService",
+        "StageService",
+        "LinkService",
+        "LinkService",
+        "AwaitSupervised",
+        "AwaitSupervised",
+        "SavePending",
+        "SetPrevious",
+        "SetCurrent",
+        "RetireService",
+        "StartService",
+        "StartService",
+        "SetAutostart",
+        "SetAutostart",
+        "AwaitHealth",
+        "ClearPending",
+    ]
+    assert all(a.new for a in result.actions if isinstance(a, p.StageService))
+    assert p.RetireService(APP) in result.actions
+
+
+def test_a_changed_service_set_back_to_one_service_retires_the_entries_after_the_switch() -> None:
+    web, worker = spec("web-web", entry="web"), spec("web-worker", entry="worker")
+    versions = {"1": installed(web, worker), "2": installed()}
+    services = {"web-web": running("1", web), "web-worker": running("1", worker)}
+    k = kinds(p.plan(desired("2"), observed(current="1", versions=versions, services=services)))
+    assert k.index("AwaitSupervised") < k.index("SetCurrent") < k.index("RetireService")
+    assert k.index("RetireService") < k.index("StartService")
 
 
 def test_a_service_name_taken_by_another_app_is_an_error() -> None:
@@ -592,18 +627,25 @@ def test_steps_keep_the_crash_safe_order(
     k = p.plan(d, o).kinds()
     if "AcquireLease" in k:
         assert k.index("AcquireLease") == 0 or k[:2] == ["ClearFailure", "AcquireLease"]
+    actions = p.plan(d, o).actions
     if "SetCurrent" in k:
-        assert k.index("SavePending") < k.index("SetCurrent")
+        switch = k.index("SetCurrent")
+        assert k.index("SavePending") < switch
         if "SetPrevious" in k:
-            assert k.index("SetPrevious") < k.index("SetCurrent")
-        for later in ("LinkService", "StartService", "RestartService", "AwaitHealth"):
+            assert k.index("SetPrevious") < switch
+        for later in ("StartService", "RestartService", "AwaitHealth"):
             if later in k:
-                assert k.index("SetCurrent") < k.index(later)
+                assert switch < k.index(later)
+        # Before the switch, runsv may only see services a down file keeps from starting.
+        held = {a.spec.name for a in actions if isinstance(a, p.StageService) and a.new}
+        held |= {name for name, s in o.services.items() if s.down_file}
+        for a in actions[:switch]:
+            if isinstance(a, p.LinkService | p.AwaitSupervised):
+                assert a.name in held, a
     if "AwaitHealth" in k:
         assert k[k.index("AwaitHealth") + 1 :] == ["ClearPending"]
     if "StartGuard" in k:
         assert k.index("SavePending") < k.index("StartGuard") < k.index("SetCurrent")
-    actions = p.plan(d, o).actions
     own = [
         i
         for i, a in enumerate(actions)
@@ -611,11 +653,18 @@ def test_steps_keep_the_crash_safe_order(
     ]
     if own:
         assert all(isinstance(a, p.AwaitHealth | p.ClearPending) for a in actions[own[0] + 1 :])
-    for i, kind in enumerate(k):
-        if kind == "RetireService":
+    # Old services go after the new ones are supervised and current has moved, and
+    # before anything starts (setlive retiring itself goes last).
+    for i, a in enumerate(actions):
+        if isinstance(a, p.RetireService) and a.name != o.self_service:
             assert all(
-                x in ("ClearFailure", "AcquireLease", "RetireService", "ClearPending")
-                for x in k[:i]
+                not isinstance(x, p.StartService | p.RestartService | p.AwaitHealth)
+                for x in actions[:i]
+            )
+            assert all(
+                not isinstance(x, p.StageService | p.LinkService | p.AwaitSupervised)
+                and not isinstance(x, p.SavePending | p.SetPrevious | p.SetCurrent)
+                for x in actions[i + 1 :]
             )
 
 

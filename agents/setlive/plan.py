@@ -6,13 +6,16 @@ while the preparer works; none when the app is stopped) and lists the steps
 that make the host run it. The steps are ordered so that killing setlive after
 any of them leaves a state the next ``plan`` finishes from:
 
-    lease -> retire old services -> stage -> pending note -> (guard) -> previous
-    -> current -> link -> wait for runsv -> sv up / sv restart -> autostart
-    -> restart of setlive itself -> health gate
+    lease -> stage -> link and wait for runsv (new services) -> pending note
+    -> (guard) -> previous -> current -> link -> wait for runsv -> retire old
+    services -> sv up / sv restart -> autostart -> restart of setlive itself
+    -> health gate
 
 ``current`` moves before any restart (runit restarting setlive itself finds
 the switch already made), and a service linked for the first time carries a
-``down`` file until it is started on purpose.
+``down`` file until it is started on purpose. That file lets a switch link the
+new version's services and wait for runsvdir's scan while the old version still
+serves, so a change of the service set costs a restart gap, not a scan.
 """
 
 from __future__ import annotations
@@ -257,6 +260,9 @@ def plan(d: Desired, o: Observed) -> Plan:
     from_version = o.current if switching else (pending.from_version if pending else None)
 
     stage: list[Action] = []
+    # Services a ``down`` file holds are linked and supervised before the switch.
+    early_link: list[Action] = []
+    early_supervise: list[Action] = []
     link: list[Action] = []
     supervise: list[Action] = []
     start: list[Action] = []
@@ -267,8 +273,9 @@ def plan(d: Desired, o: Observed) -> Plan:
         new = obs.staged is None
         if new or not files_match(spec.files, obs.staged or {}):
             stage.append(StageService(spec, new))
+        held = switching and (new or obs.down_file)
         if obs.link != "ours":
-            link.append(LinkService(name))
+            (early_link if held else link).append(LinkService(name))
         status = obs.status
         stale = (
             switching
@@ -276,7 +283,7 @@ def plan(d: Desired, o: Observed) -> Plan:
             or obs.running_digest not in (None, spec.digest)
         )
         if not status.supervised:
-            supervise.append(AwaitSupervised(name))
+            (early_supervise if held else supervise).append(AwaitSupervised(name))
             start.append(StartService(name))
         elif status.up and stale:
             restart.append(RestartService(name))
@@ -297,8 +304,9 @@ def plan(d: Desired, o: Observed) -> Plan:
         actions.append(AcquireLease(d.min_nodes))
     if o.pending is not None and pending is None and not switching:
         actions.append(ClearPending())
-    actions += retire
     actions += stage
+    actions += early_link
+    actions += early_supervise
     if switching:
         actions.append(SavePending(target, o.current))
         own = o.self_service
@@ -308,10 +316,17 @@ def plan(d: Desired, o: Observed) -> Plan:
         if o.current is not None and failure is None and _installed(o, o.current):
             actions.append(SetPrevious(o.current))
         actions.append(SetCurrent(target))
-    # setlive restarts itself last: runit stops it there, and the new one finishes.
+    # setlive restarts (or retires) itself last: runit stops it there, and the new one
+    # finishes.
     restart_self = [r for r in restart if r.name == o.self_service]
     restart_others = [r for r in restart if r not in restart_self]
-    for group in (link, supervise, start, restart_others, autostart, restart_self):
+    retire_self = [r for r in retire if r.name == o.self_service]
+    retire_others = [r for r in retire if r not in retire_self]
+    # Old services go once the new ones are supervised and ``current`` has moved, right
+    # before the new ones start, not after: an app's entries get the same ports
+    # (PP_PORT_*), so a new service started next to an old one would fail to bind.
+    groups = (link, supervise, retire_others, start, restart_others, autostart)
+    for group in (*groups, restart_self, retire_self):
         actions.extend(group)
     if start or restart or pending is not None or switching:
         deploy = failure is None and target == d.version and (switching or pending is not None)

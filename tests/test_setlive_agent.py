@@ -425,6 +425,39 @@ def test_drift_is_repaired_from_what_the_host_shows(host: Host) -> None:
     assert get(port) == (200, "drift 1")
 
 
+def test_current_moved_by_hand_is_put_back_without_a_deploy_or_a_lockout(host: Host) -> None:
+    port = free_port()
+    for version in ("1", "2", "3"):
+        host.install("handset", version)
+    quick = FAST_HTTP | {"deadline_s": 1.5}
+    for version in ("1", "2", "3"):
+        host.intent("handset", port, version, health=quick)
+        assert host.converge(), version
+    assert (host.current("handset"), host.previous("handset")) == ("3", "2")
+
+    fs.symlink_atomic("installs/handset_1", host.layout("handset").current)
+    subprocess.run(["sv", "restart", str(host.paths.runit_dir / "handset")], check=True)
+
+    def answers_1() -> bool:
+        try:
+            return get(port)[1] == "handset 1"
+        except (OSError, http.client.HTTPException):
+            return False
+
+    assert wait_for(answers_1, 5)
+    (host.layout("handset").install_dir("3") / "unhealthy").write_text("")
+    assert not host.converge()  # 3 is back, and its checks fail
+    report = host.report("handset")
+    assert report.version == "3" and "rolled_back_from" not in report.details
+    assert (host.current("handset"), host.previous("handset")) == ("3", "2")
+    assert host.agent.state.load("handset").failure is None
+    assert get(port) == (200, "handset 3")
+
+    (host.layout("handset").install_dir("3") / "unhealthy").unlink()
+    assert wait_for(host.converge, 5, interval=0.2)
+    assert host.report("handset").version == "3"
+
+
 def test_no_active_version_stops_the_app_and_removal_takes_it_away(host: Host) -> None:
     port = free_port()
     host.install("stopper", "1")

@@ -305,6 +305,56 @@ def test_a_hand_changed_current_is_switched_back() -> None:
     assert p.SetCurrent("2") in result.actions and "RestartService" in kinds(result)
 
 
+def test_current_moved_by_hand_off_the_last_good_version_is_repaired_not_redeployed() -> None:
+    # 3 passed its gate here (previous 2); someone pointed current at 1 and restarted.
+    result = p.plan(
+        desired("3"),
+        observed(
+            current="1",
+            previous="2",
+            versions={v: installed() for v in ("1", "2", "3")},
+            services={APP: running("1")},
+            last_good="3",
+        ),
+    )
+    assert p.SetCurrent("3") in result.actions and "RestartService" in kinds(result)
+    assert "SetPrevious" not in kinds(result), "the hand-set version became previous"
+    assert not gate_of(result).deploy, "a failed check would mark 3 failed and roll back"
+    killed_after_switch = p.plan(
+        desired("3"),
+        observed(
+            current="3",
+            previous="2",
+            versions={v: installed() for v in ("1", "2", "3")},
+            services={APP: running("1")},
+            pending=Pending("3", "1", 1.0),
+            last_good="3",
+        ),
+    )
+    assert not gate_of(killed_after_switch).deploy
+
+
+def test_repairing_the_bundle_setlive_runs_from_leaves_no_guard() -> None:
+    agent = spec("web-agent", entry="agent")
+    versions = {"1": installed(agent), "2": installed(agent)}
+    result = p.plan(
+        desired("2"),
+        observed(
+            current="1",
+            versions=versions,
+            services={"web-agent": running("1", agent)},
+            self_service="web-agent",
+            last_good="2",
+        ),
+    )
+    assert "StartGuard" not in kinds(result) and p.SetCurrent("2") in result.actions
+
+
+def test_a_version_that_never_passed_here_is_still_deployed_with_rollback() -> None:
+    result = p.plan(desired("2"), observed(current="1", last_good="1"))
+    assert "SetPrevious" in kinds(result) and gate_of(result).deploy
+
+
 def test_a_process_running_another_version_than_current_is_restarted() -> None:
     result = p.plan(desired("2"), observed(current="2", services={APP: running("1")}))
     assert kinds(result) == ["RestartService", "AwaitHealth", "ClearPending"]
@@ -512,6 +562,8 @@ def simulate(o: Observed, plan: p.Plan, specs: Mapping[str, ServiceSpec]) -> Obs
                 fields["pending"] = Pending(a.target, a.from_version, 1.0)
             case p.ClearPending():
                 fields["pending"] = None
+            case p.AwaitHealth():
+                fields["last_good"] = a.version
             case p.SetPrevious():
                 fields["previous"] = a.version
             case p.SetCurrent():
@@ -599,6 +651,7 @@ def situations(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, ServiceSpe
         failure=fail,
         healthy=draw(st.sampled_from([None, True, False])),
         self_service=draw(st.sampled_from([None, *sorted(services)])),
+        last_good=draw(st.sampled_from([None, *VERSIONS])),
     )
     return d, o, specs
 

@@ -250,6 +250,7 @@ class SetliveAgent(Agent):
             retry_token=retry_token,
             healthy=healthy,
             self_service=obs.self_service(intent.app, services),
+            last_good=state.last_good,
         )
         return desired, observed
 

@@ -246,6 +246,9 @@ def _step(
                 # Not a verdict: the pending note makes the next setlive gate it again.
                 result.gate, result.gate_action = None, None
                 result.wait = f"stopped during the health gate of {action.version}"
+            if result.gate is not None and result.gate.healthy:
+                state = ctx.state.load(ctx.app)
+                ctx.state.save(ctx.app, replace(state, last_good=action.version))
             return result.wait is not None or result.gate is None or not result.gate.healthy
         case ClearPending():
             ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=None))

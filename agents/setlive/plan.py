@@ -80,6 +80,8 @@ class Observed:
     """The running app's health right now (None: not running or not checked)."""
     self_service: str | None = None
     """The service of this app that this very setlive runs as (the agent bundle)."""
+    last_good: str | None = None
+    """The version whose health gate last passed here (setlive's own note)."""
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -256,6 +258,12 @@ def plan(d: Desired, o: Observed) -> Plan:
         return Plan(tuple(actions), o.current, wait, conflict)
 
     switching = o.current != target
+    # Going back to the version whose gate last passed here (``current`` moved by hand,
+    # or a switch abandoned halfway) repairs drift and deploys nothing: ``previous``
+    # keeps what setlive recorded, no guard is left, and the gate decides nothing, so a
+    # failing check is reported as unhealthy but neither marks that version failed nor
+    # rolls back to whatever ``current`` was pointed at.
+    repair = failure is None and target == d.version and target == o.last_good
     pending = o.pending if o.pending is not None and o.pending.target == target else None
     from_version = o.current if switching else (pending.from_version if pending else None)
 
@@ -310,10 +318,11 @@ def plan(d: Desired, o: Observed) -> Plan:
     if switching:
         actions.append(SavePending(target, o.current))
         own = o.self_service
-        if own in specs and failure is None and target == d.version and o.current is not None:
+        deploying = failure is None and target == d.version and not repair
+        if own in specs and deploying and o.current is not None:
             services = tuple(sorted(set(specs) | {r.name for r in retire}))
             actions.append(StartGuard(target, o.current, services, d.fingerprint))
-        if o.current is not None and failure is None and _installed(o, o.current):
+        if o.current is not None and failure is None and not repair and _installed(o, o.current):
             actions.append(SetPrevious(o.current))
         actions.append(SetCurrent(target))
     # setlive restarts (or retires) itself last: runit stops it there, and the new one
@@ -329,7 +338,12 @@ def plan(d: Desired, o: Observed) -> Plan:
     for group in (*groups, restart_self, retire_self):
         actions.extend(group)
     if start or restart or pending is not None or switching:
-        deploy = failure is None and target == d.version and (switching or pending is not None)
+        deploy = (
+            failure is None
+            and not repair
+            and target == d.version
+            and (switching or pending is not None)
+        )
         rollback_to = (
             from_version if from_version != target and _installed(o, from_version) else None
         )

@@ -9,6 +9,8 @@ Only what the host itself cannot show is kept here:
   intent fingerprint and retry token it failed under. setlive does not try that
   version again until one of them changes.
 - ``last_switch_at``: for reports.
+- ``last_good``: the version whose health gate last passed here. A switch back to
+  it is a repair of drift, not a deploy (see ``plan``).
 
 Everything else (what ``current`` points at, what runit runs) is observed anew
 on every pass.
@@ -47,6 +49,7 @@ class AppState:
     pending: Pending | None = None
     failure: Failure | None = None
     last_switch_at: float | None = None
+    last_good: str | None = None
 
 
 class StateDir:
@@ -67,7 +70,7 @@ class StateDir:
         try:
             pending = Pending(**data["pending"]) if data.get("pending") else None
             failure = Failure(**data["failure"]) if data.get("failure") else None
-            return AppState(pending, failure, data.get("last_switch_at"))
+            return AppState(pending, failure, data.get("last_switch_at"), data.get("last_good"))
         except TypeError:
             return AppState()
 
@@ -77,6 +80,7 @@ class StateDir:
             "pending": asdict(state.pending) if state.pending else None,
             "failure": asdict(state.failure) if state.failure else None,
             "last_switch_at": state.last_switch_at,
+            "last_good": state.last_good,
         }
         fs.write_atomic(self._file(app), json.dumps(data, sort_keys=True).encode(), 0o600)
 

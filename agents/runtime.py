@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, ClassVar
@@ -60,6 +60,12 @@ class Agent(abc.ABC):
     """One agent's view of its own slice of the host."""
 
     name: ClassVar[str]
+
+    converges_in_background: ClassVar[bool] = False
+    """Let one app's slow converge (a download, a health gate) run on across passes, so
+    new intent for the other apps is not held up by it. Only for agents whose
+    ``converge`` may overlap the next pass's ``begin_pass``, ``unmanaged`` and ``remove``
+    (for other apps)."""
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first pass (e.g. to clean up after a crash)."""
@@ -116,6 +122,9 @@ class Runtime:
         self.clock = clock
         self.log = structlog.get_logger().bind(agent=agent.name, node=options.node)
         self._apps: dict[str, _AppState] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        """Set while ``run`` loops with an agent that converges in the background."""
+        self._inflight: dict[str, Future[Outcome | None]] = {}
         self._store_reachable: bool | None = None
         self._last_report_error: str | None = None
         self._store_failures = 0
@@ -148,11 +157,12 @@ class Runtime:
         due = [
             app
             for app, intent in effective.items()
-            if force or self._changed(app, intent) or self._retry_due(app, now)
+            if app not in self._inflight
+            and (force or self._changed(app, intent) or self._retry_due(app, now))
         ]
         outcomes = self._converge_apps({app: effective[app] for app in due})
 
-        all_converged = pass_ok
+        all_converged = pass_ok and not self._inflight
         for intent in intents:
             state = self._apps[intent.app]
             outcome = outcomes.get(intent.app)
@@ -179,7 +189,10 @@ class Runtime:
             else:
                 all_converged = False  # in backoff: not converged yet
 
-        return self._remove_unassigned({i.app for i in intents}) and all_converged
+        # An app converging in the background is not removed under its converge.
+        return self._remove_unassigned({i.app for i in intents} | set(self._inflight)) and (
+            all_converged
+        )
 
     def _effective_intents(self, intents: list[AppIntent]) -> dict[str, AppIntent]:
         effective = {}
@@ -192,7 +205,7 @@ class Runtime:
                 state.last_good = intent
             if state.last_good is not None:
                 effective[intent.app] = state.last_good
-        for gone in set(self._apps) - {i.app for i in intents}:
+        for gone in set(self._apps) - {i.app for i in intents} - set(self._inflight):
             del self._apps[gone]
         return effective
 
@@ -208,6 +221,8 @@ class Runtime:
         """Converge each app; apps not started before a stop request are left for later."""
         for app, intent in intents.items():
             self._apps[app].attempted = intent
+        if self._pool is not None:
+            return self._converge_in_background(self._pool, intents)
         if len(intents) <= 1 or self.options.max_parallel <= 1:
             outcomes = {app: self._converge_one(intent) for app, intent in intents.items()}
         else:
@@ -216,10 +231,28 @@ class Runtime:
                 outcomes = {app: future.result() for app, future in futures.items()}
         return {app: outcome for app, outcome in outcomes.items() if outcome is not None}
 
+    def _converge_in_background(
+        self, pool: ThreadPoolExecutor, intents: Mapping[str, AppIntent]
+    ) -> dict[str, Outcome]:
+        """Start ``intents`` and return the outcomes of every converge finished so far."""
+        for app, intent in intents.items():
+            future = pool.submit(self._converge_one, intent)
+            future.add_done_callback(lambda _: self._wake.set())  # report it promptly
+            self._inflight[app] = future
+        finished = {app: f for app, f in self._inflight.items() if f.done()}
+        outcomes = {}
+        for app, future in finished.items():
+            del self._inflight[app]
+            outcome = future.result()
+            if outcome is None:
+                self._apps[app].attempted = None  # not started before a stop: due again
+            else:
+                outcomes[app] = outcome
+        return outcomes
+
     def _converge_one(self, intent: AppIntent) -> Outcome | None:
         if self._stopping.is_set():
-            self._apps[intent.app].attempted = None  # not done: due again after a restart
-            return None
+            return None  # not done: due again after a restart
         log = self.log.bind(app=intent.app)
         started = time.monotonic()
         try:
@@ -370,6 +403,18 @@ class Runtime:
             return 0 if self.run_pass(force=True) else 1
         watcher = threading.Thread(target=self._watch, name="intent-watch", daemon=True)
         watcher.start()
+        if self.agent.converges_in_background:
+            self._pool = ThreadPoolExecutor(self.options.max_parallel, thread_name_prefix="app")
+        try:
+            self._loop()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)  # converges in flight finish their step
+                self._pool = None
+        self.log.info("agent.stopped")
+        return 0
+
+    def _loop(self) -> None:
         next_resync = self.clock()
         while not self._stopping.is_set():
             now = self.clock()
@@ -382,8 +427,6 @@ class Runtime:
             if self._stopping.is_set():
                 break
             self._wake.wait(self._sleep_until(next_resync) - self.clock())
-        self.log.info("agent.stopped")
-        return 0
 
     def _sleep_until(self, next_resync: float) -> float:
         """The next moment something is due: a resync, an app's retry, a store retry."""

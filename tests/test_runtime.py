@@ -399,3 +399,44 @@ def test_agents_refuse_to_start_an_empty_embedded_store(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="does not exist: write intent with pp first"):
         open_store(f"sqlite://{tmp_path}/missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_a_slow_converge_does_not_hold_up_new_intent_for_other_apps(store: IntentStore) -> None:
+    class Slow(RecordingAgent):
+        converges_in_background = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+
+        def converge(self, intent: AppIntent) -> Outcome:
+            if intent.app == "slow":
+                self.release.wait(20)  # a long download or health gate
+            return super().converge(intent)
+
+    put_app(store, "slow")
+    put_app(store, "fast")
+    agent = Slow()
+    options = RuntimeOptions(node=NODE, resync_interval_s=3600, max_parallel=2)
+    rt = Runtime(agent, store, options)
+    loop = threading.Thread(target=rt.run)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ("fast", "1.0") not in agent.converged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        put_app(store, "fast", "2.0")  # new intent while "slow" is still converging
+        while ("fast", "2.0") not in agent.converged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ("fast", "2.0") in agent.converged
+        assert status_of(store, "fast") == ("converged", "2.0", None)
+        assert not any(app == "slow" for app, _ in agent.converged)
+        agent.release.set()
+        while not store.reality(node=NODE, app="slow") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert status_of(store, "slow") == ("converged", "1.0", None)
+    finally:
+        agent.release.set()
+        rt.stop()
+        loop.join(10)
+    assert not loop.is_alive()

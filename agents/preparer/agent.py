@@ -38,6 +38,7 @@ log = structlog.get_logger()
 
 class Preparer(Agent):
     name = "preparer"
+    converges_in_background = True  # a slow download must not hold up other apps
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ MAX_ROUNDS = 3
 
 class SetliveAgent(Agent):
     name = "setlive"
+    converges_in_background = True  # a long health gate must not hold up other apps
 
     def __init__(
         self,

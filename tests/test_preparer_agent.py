@@ -280,6 +280,11 @@ def test_two_apps_sharing_a_basedir_are_both_refused(world: World) -> None:
     assert not (world.srv / "a").exists()
 
 
+def slow_state(world: World) -> object:
+    reports = [r for r in world.store.reality(node=NODE, app="slow") if r.agent == "preparer"]
+    return reports[0].details.get("versions") if reports else None
+
+
 def test_a_stalled_server_does_not_block_the_other_apps(world: World) -> None:
     slow = world.publish("slow", "1")
     fast = world.publish("fast", "1")
@@ -293,7 +298,9 @@ def test_a_stalled_server_does_not_block_the_other_apps(world: World) -> None:
     try:
         wait_for(lambda: world.layout("fast").is_installed("1", fast), timeout_s=1.5)
         # While the slow download hangs, its report already says so.
-        assert world.report("slow").details["versions"] == {"1": "fetching"}
+        # (The two downloads start together; the fast one may finish before the slow
+        # one's first report is written, so wait for that report rather than race it.)
+        wait_for(lambda: slow_state(world) == {"1": "fetching"}, timeout_s=5)
         assert passing.is_alive()
     finally:
         passing.join(10)

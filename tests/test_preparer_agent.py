@@ -291,12 +291,14 @@ def test_a_stalled_server_does_not_block_the_other_apps(world: World) -> None:
     world.assign("slow", {"1": active(slow)})
     world.assign("fast", {"1": active(fast)})
     world.server.behaviours["/slow/slow_1.tar.gz"] = Behaviour(stall_s=30, stall_times=99)
-    preparer = in_process(world, FetchOptions(timeout_s=2, attempts=1))
+    # The slow download hangs until its 5 s read timeout: the fast app must be
+    # installed long before (a wide margin, for busy machines).
+    preparer = in_process(world, FetchOptions(timeout_s=5, attempts=1))
     runtime = Runtime(preparer, world.store, RuntimeOptions(node=NODE, max_parallel=2))
     passing = threading.Thread(target=runtime.run_pass, kwargs={"force": True})
     passing.start()
     try:
-        wait_for(lambda: world.layout("fast").is_installed("1", fast), timeout_s=1.5)
+        wait_for(lambda: world.layout("fast").is_installed("1", fast), timeout_s=4)
         # While the slow download hangs, its report already says so.
         # (The two downloads start together; the fast one may finish before the slow
         # one's first report is written, so wait for that report rather than race it.)

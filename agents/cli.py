@@ -25,7 +25,6 @@ from agents import operator as op
 from agents.appfile import AppFile, read_app_file
 from agents.pack_cli import pack
 from agents.schema import intent_schema
-from agents.setlive.retry import request_retry
 from intent import keys
 from intent.model import IntentError
 from intent.store import IntentStore, StoreError, default_store_url, open_store
@@ -398,7 +397,7 @@ def retry(env: Env, app: str, node: str | None) -> None:
     op.check_name("app", app)
     if node is not None:
         op.check_name("node", node)
-    for done in request_retry(env.store(), app, node, actor=op.actor()):
+    for done in op.request_retry(env.store(), app, node, actor=op.actor()):
         click.echo(f"{done}: retry of {app} requested")
 
 

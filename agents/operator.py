@@ -15,6 +15,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -379,3 +380,30 @@ def read_app(store: IntentStore, app: str) -> AppView:
         except IntentError as exc:
             problems.append(str(exc))
     return AppView(document, problems)
+
+
+def request_retry(
+    store: IntentStore, app: str, node: str | None = None, actor: str = "unknown"
+) -> list[str]:
+    """``pp retry``: ask setlive to try a version that failed its health gate once more.
+
+    After a rolled-back deploy setlive leaves the failed version alone until the intent
+    changes. A retry is a fresh random token at ``nodes/<node>/<app>/retry`` for ``node``
+    (or every node the app is assigned to), audited; it is part of the app's intent, so
+    the node's watch wakes setlive at once. Returns the nodes written; raises IntentError
+    naming what to fix."""
+    assigned = store.nodes_of(app)
+    if node is not None:
+        if node not in assigned:
+            raise IntentError(f"{keys.node_app(node, app)}: app {app} is not assigned to {node}")
+        nodes = [node]
+    else:
+        nodes = sorted(assigned)
+        if not nodes:
+            raise IntentError(f"{keys.NODES}*/{app}: app {app} is not assigned to any node")
+    for target in nodes:
+        value = {"token": uuid.uuid4().hex, "at": time.time(), "actor": actor}
+        key = keys.retry(target, app)
+        store.put_json(key, value)
+        store.record_audit(AuditRecord(app=app, key=key, action="retry", actor=actor, new=value))
+    return nodes

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for  # noqa: F401
 
+from agents.operator import request_retry
 from agents.runtime import Runtime, RuntimeOptions
 from agents.setlive.agent import SetliveAgent
 from agents.setlive.apply import lease_resource
 from agents.setlive.observe import Paths
-from agents.setlive.retry import request_retry, retry_key
 from agents.system import fs, runit
 from agents.system.layout import AppLayout, InstallMarker
 from intent import keys
@@ -355,7 +355,7 @@ def test_failed_health_rolls_back_and_waits_for_intent_or_retry(host: Host) -> N
     assert host.report("rollback").details["rolled_back_from"] == "2"
 
     assert request_retry(host.store, "rollback", NODE, actor="test") == [NODE]
-    assert host.store.get_raw(retry_key(NODE, "rollback")) is not None
+    assert host.store.get_raw(keys.retry(NODE, "rollback")) is not None
     time.sleep(1.0)
     assert not host.converge()
     assert _log(host, "rollback").count("rollback 2 listening") == 2  # tried once more

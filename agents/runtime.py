@@ -190,9 +190,8 @@ class Runtime:
                 all_converged = False  # in backoff: not converged yet
 
         # An app converging in the background is not removed under its converge.
-        return self._remove_unassigned({i.app for i in intents} | set(self._inflight)) and (
-            all_converged
-        )
+        assigned = {i.app for i in intents} | set(self._inflight)
+        return self._remove_unassigned(assigned, force) and all_converged
 
     def _effective_intents(self, intents: list[AppIntent]) -> dict[str, AppIntent]:
         effective = {}
@@ -289,12 +288,14 @@ class Runtime:
         retry_state.attempt_number = failures
         return float(self._backoff(retry_state))
 
-    def _remove_unassigned(self, assigned: set[str]) -> bool:
+    def _remove_unassigned(self, assigned: set[str], resync: bool = False) -> bool:
         try:
             found = self.agent.unmanaged(assigned)
         except Exception:
             self.log.exception("unmanaged.crashed")
             return False
+        if resync:
+            self._clear_stale_reports(assigned | set(found))
         all_removed = True
         for app in found:
             if not self._confirmed_unassigned(app):
@@ -311,6 +312,24 @@ class Runtime:
                 all_removed = False
                 self._report(app, outcome)
         return all_removed
+
+    def _clear_stale_reports(self, known: set[str]) -> None:
+        """Reports of apps neither assigned nor on the host: left by an agent that died
+        between undoing an app and clearing its report."""
+        try:
+            reports = self.store.reality(node=self.options.node)
+        except StoreError as exc:
+            self._store_state(False, exc)
+            return
+        for report in reports:
+            if report.agent != self.agent.name or report.app in known:
+                continue
+            if self._confirmed_unassigned(report.app):
+                self._quietly(
+                    lambda app=report.app: self.store.clear_reality(  # type: ignore[misc]
+                        self.options.node, self.agent.name, app
+                    )
+                )
 
     def _confirmed_unassigned(self, app: str) -> bool:
         """Removal stops an app, so it needs more than an empty listing, which a store

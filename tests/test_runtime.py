@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions
 from intent import keys
+from intent.model import Reality
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable, open_store
 from intent.store.kv import Entry
 from intent.store.sqlite import SqliteStore
@@ -440,3 +441,25 @@ def test_a_slow_converge_does_not_hold_up_new_intent_for_other_apps(store: Inten
         rt.stop()
         loop.join(10)
     assert not loop.is_alive()
+
+
+def test_a_resync_clears_a_report_left_by_an_agent_that_died_mid_removal(
+    store: IntentStore,
+) -> None:
+    put_app(store, "hello")
+    put_app(store, "echo")
+    rt = runtime(store, RecordingAgent())
+    rt.run_pass()
+    store.delete(keys.node_app(NODE, "hello"))
+    # A fresh agent: the host has nothing of hello any more, but its report is still there.
+    fresh = runtime(store, RecordingAgent())
+    fresh.run_pass()
+    assert {r.app for r in store.reality(node=NODE)} == {"hello", "echo"}
+    fresh.run_pass(force=True)
+    assert {r.app for r in store.reality(node=NODE)} == {"echo"}
+    other = Reality(node=NODE, agent="someone-else", app="hello", status="converged")
+    store.write_reality(other)
+    fresh.run_pass(force=True)
+    assert [(r.agent, r.app) for r in store.reality(node=NODE, app="hello")] == [
+        ("someone-else", "hello")
+    ]

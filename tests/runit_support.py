@@ -44,6 +44,20 @@ def require_root() -> None:
         pytest.skip(reason)
 
 
+def kill_our_guards(root: Path) -> None:
+    """Guards are detached: find the ones started for this test by their arguments."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "agents.setlive.guard" in cmdline and str(root) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 @dataclass
 class Runsvdir:
     root: Path

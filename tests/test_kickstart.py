@@ -7,9 +7,7 @@ which the setlive under runit installs and switches to on its own.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from runit_support import Runsvdir, require_root, runsvdir, wait_for  # noqa: F401
+from runit_support import (  # noqa: F401
+    Runsvdir,
+    kill_our_guards,
+    require_root,
+    runsvdir,
+    wait_for,
+)
 
 from agents.setlive.observe import read_environ
 from agents.setlive.state import StateDir
@@ -89,20 +93,6 @@ class Host:
         )
 
 
-def _kill_our_guards(root: Path) -> None:
-    """Guards are detached: find the ones started for this test by their arguments."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "agents.setlive.guard" in cmdline and str(root) in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
 @pytest.fixture
 def host(runsvdir: Runsvdir) -> Iterator[Host]:  # noqa: F811
     require_root()
@@ -112,7 +102,7 @@ def host(runsvdir: Runsvdir) -> Iterator[Host]:  # noqa: F811
     try:
         yield made
     finally:
-        _kill_our_guards(root)
+        kill_our_guards(root)
         made.store.close()
 
 

@@ -26,6 +26,7 @@ from preparer_support import (
     wait_for,
     write_tar,
 )
+from runit_support import require_root
 
 from agents.preparer.agent import Preparer
 from agents.preparer.apply import Settings
@@ -163,10 +164,7 @@ def test_once_installs_from_intent_in_a_real_consul(
 def test_files_belong_to_run_as_when_running_as_root(world: World) -> None:
     import pwd
 
-    if os.geteuid() != 0:
-        if os.environ.get("PP_REQUIRE_RUNIT") == "1":  # CI runs as root
-            pytest.fail("chown to run_as needs root, and CI requires it", pytrace=False)
-        pytest.skip("chown to run_as needs root")
+    require_root()  # chown to run_as needs root; CI (root) fails rather than skips
 
     nobody = pwd.getpwnam("nobody")
     world.assign("hello", {"1.0": active(world.publish("hello", "1.0"))}, run_as="nobody")

@@ -9,17 +9,20 @@ rolled back by the guard the old setlive left behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runit_support import Runsvdir, require_root, runsvdir, wait_for  # noqa: F401
+from runit_support import (  # noqa: F401
+    Runsvdir,
+    kill_our_guards,
+    require_root,
+    runsvdir,
+    wait_for,
+)
 
 from agents.runtime import Runtime, RuntimeOptions
 from agents.setlive.agent import SetliveAgent
@@ -125,20 +128,6 @@ class Bundle:
         return self.layout.version_of(self.layout.current)
 
 
-def _kill_our_guards(root: Path) -> None:
-    """Guards are detached: find the ones started for this test by their arguments."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "agents.setlive.guard" in cmdline and str(root) in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
 @pytest.fixture
 def bundle(runsvdir: Runsvdir) -> Iterator[Bundle]:  # noqa: F811
     require_root()
@@ -149,7 +138,7 @@ def bundle(runsvdir: Runsvdir) -> Iterator[Bundle]:  # noqa: F811
     try:
         yield made
     finally:
-        _kill_our_guards(root)
+        kill_our_guards(root)
         made.store.close()
 
 

@@ -10,7 +10,6 @@ after the other, instead of the second silently undoing the first.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import random
 import re
@@ -32,6 +31,7 @@ from intent.model import (
     Name,
     NodeAssignment,
     VersionSpec,
+    decode_json,
     describe,
     parse,
 )
@@ -80,8 +80,8 @@ def check_name(what: str, value: str) -> str:
 def decode(raw: bytes) -> Json:
     """A stored value as JSON, or its text when it is not JSON (so a diff can show it)."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return decode_json(raw, "value")
+    except IntentError:
         return raw.decode("utf-8", "replace")
 
 

@@ -31,6 +31,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_BASEDIR_PATTERN = r"/[A-Za-z0-9._+/-]+"
 
 
 def _no_dotdot(value: str) -> str:
@@ -165,6 +166,9 @@ class DeployConfig(_Strict):
             raise ValueError("must be an absolute path")
         if value == "/" or posixpath.normpath(value) != value.rstrip("/") or ".." in value:
             raise ValueError("must be a normalised absolute path other than '/'")
+        if not re.fullmatch(_BASEDIR_PATTERN, value):
+            # It ends up in run scripts, unit files and log lines: no quoting to get wrong.
+            raise ValueError("may hold only letters, digits, '/', '.', '_', '+' and '-'")
         return value.rstrip("/")
 
     @field_validator("elb", mode="before")
@@ -243,14 +247,78 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse(model: type[M], raw: bytes | str | dict[str, Any], key: str) -> M:
-    """Parse one stored value, raising IntentError naming the key on failure."""
+MAX_VALUE_BYTES = 512 * 1024
+"""The largest stored value read as intent: Consul's own default limit (``kv_max_value_size``),
+so the embedded store holds to the same bound."""
+
+MAX_DEPTH = 32
+"""How deeply stored JSON may nest. Real intent nests a few levels; a value nested
+thousands deep would exhaust the recursion limit of whatever reads it next."""
+
+
+MAX_INT_DIGITS = 1000
+"""Python refuses to convert integers of more than 4,300 digits; refuse sooner, by name."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"an integer has {digits} digits, the most is {MAX_INT_DIGITS}")
+    return int(text)
+
+
+def decode_json(raw: bytes | str, key: str) -> Any:
+    """One stored value as JSON, within ``MAX_VALUE_BYTES`` and ``MAX_DEPTH``.
+
+    Anyone who may write a key can write anything into it (``consul kv put`` does no
+    checking), so every way the decoder can fail becomes an IntentError naming the key:
+    bad syntax, bad UTF-8, ``NaN``, a 5,000-digit integer (ValueError), nesting deep
+    enough for a RecursionError."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > MAX_VALUE_BYTES:
+        raise IntentError(f"{key}: value is {size} bytes, more than {MAX_VALUE_BYTES}; shorten it")
     try:
-        data = json.loads(raw) if isinstance(raw, bytes | str) else raw
+        data = json.loads(raw, parse_constant=_no_constant, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise IntentError(f"{key}: not valid JSON ({exc.msg} at char {exc.pos})") from None
     except UnicodeDecodeError:
         raise IntentError(f"{key}: not valid UTF-8") from None
+    except RecursionError:
+        raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as exc:  # NaN, an integer too long to convert
+        raise IntentError(f"{key}: not usable JSON ({exc})") from None
+    if _depth_exceeds(data, MAX_DEPTH):
+        raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit``; iterative, so it cannot recurse out."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse(model: type[M], raw: bytes | str | dict[str, Any], key: str) -> M:
+    """Parse one stored value, raising IntentError naming the key on failure."""
+    if isinstance(raw, bytes | str):
+        data = decode_json(raw, key)
+    elif _depth_exceeds(raw, MAX_DEPTH):
+        raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep")
+    else:
+        data = raw
     if not isinstance(data, dict):
         raise IntentError(f"{key}: expected a JSON object, got {type(data).__name__}")
     try:

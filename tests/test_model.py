@@ -154,3 +154,17 @@ def test_version_urls_must_be_fetchable(url: str) -> None:
     versions = {"1": {"state": "active", "sha256": SHA, "url": url}}
     with pytest.raises(IntentError, match=r"versions\.1\.url"):
         parse(AppConfig, config(versions=versions), "k")
+
+
+@pytest.mark.parametrize(
+    "basedir", ["/srv/$(reboot)", "/srv/a b", "/srv/`id`", "/srv/a;b", "/srv/a'b", "/srv/é"]
+)
+def test_a_basedir_with_shell_syntax_is_refused(basedir: str) -> None:
+    with pytest.raises(IntentError, match=r"basedir: may hold only letters, digits"):
+        parse(DeployConfig, deploy(basedir=basedir), "k")
+
+
+def test_an_ordinary_basedir_is_accepted() -> None:
+    assert parse(DeployConfig, deploy(basedir="/srv/web-1.2_x+y/"), "k").basedir == (
+        "/srv/web-1.2_x+y"
+    )

@@ -22,10 +22,11 @@ from intent.model import (
     M,
     NodeAssignment,
     Reality,
+    decode_json,
     is_safe_name,
     parse,
 )
-from intent.store.kv import KVStore, WatchToken
+from intent.store.kv import KVStore, StoreError, WatchToken
 
 T = TypeVar("T")
 
@@ -115,11 +116,22 @@ class IntentStore:
             retry = entries.get(keys.retry(node, app).removeprefix(keys.node_apps(node)))
             intents.append(
                 replace(
-                    self.app_intent(app, assignment.cluster),
+                    self._app_intent_or_error(app, assignment.cluster),
                     retry_token=_retry_token(retry.value) if retry else None,
                 )
             )
         return intents
+
+    def _app_intent_or_error(self, app: str, cluster: str) -> AppIntent:
+        """``app_intent``, with any failure other than the store's own turned into that
+        app's error: whatever one app's values hold, the other apps are still read."""
+        try:
+            return self.app_intent(app, cluster)
+        except StoreError:
+            raise
+        except Exception as exc:
+            where = keys.cluster(app, cluster)
+            return AppIntent(app, cluster, error=f"{where}: cannot be read ({type(exc).__name__})")
 
     def app_intent(self, app: str, cluster: str) -> AppIntent:
         # One listing instead of two reads: a node's pass costs one request per app.
@@ -243,9 +255,10 @@ class IntentStore:
 def _retry_token(raw: bytes) -> str | None:
     """The token of a ``pp retry`` request; anything unreadable counts as none."""
     try:
-        token = json.loads(raw).get("token")
-    except (ValueError, AttributeError):
+        request = decode_json(raw, "retry")
+    except IntentError:
         return None
+    token = request.get("token") if isinstance(request, dict) else None
     return token if isinstance(token, str) else None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -35,6 +36,24 @@ CREATE TABLE IF NOT EXISTS slots (
 """
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 in a directory created 0700, unless they exist.
+
+    The store holds every app's ``user_config`` and the audit trail's copies of it, so
+    no other local user (the apps' own users included) may read it. SQLite creates its
+    ``-wal`` and ``-shm`` files with the database file's mode, so they follow. Existing
+    files keep the mode an operator gave them (see docs/operations.md on sharing the
+    store with a group)."""
+    if path.exists():
+        return
+    for parent in reversed([path.parent, *path.parent.parents]):
+        if not parent.exists():
+            with contextlib.suppress(FileExistsError):
+                parent.mkdir(mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
 class SqliteStore(KVStore):
     def __init__(self, path: str | Path, create: bool = True) -> None:
         """Open the store at ``path``; with ``create=False`` a missing file is an error.
@@ -49,7 +68,7 @@ class SqliteStore(KVStore):
                 " or fix --store/PP_STORE"
             )
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )

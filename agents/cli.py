@@ -34,7 +34,7 @@ class PPError(click.ClickException):
     exit_code = 1
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"pp: error: {render.one_line(self.message)}", err=file is None, file=file)
+        echo(f"pp: error: {render.one_line(self.message)}", err=file is None, file=file)
 
 
 class PPUsageError(PPError):
@@ -98,12 +98,17 @@ json_option = click.option(
 )
 
 
+def echo(message: str, err: bool = False, nl: bool = True, file: IO[Any] | None = None) -> None:
+    """Every line pp prints goes through here: text from the store is escaped."""
+    click.echo(render.terminal_safe(message), err=err, nl=nl, file=file)
+
+
 def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
+    echo(json.dumps(value, indent=2, sort_keys=True))
 
 
 def _warn(message: str) -> None:
-    click.echo(f"pp: warning: {render.one_line(message)}", err=True)
+    echo(f"pp: warning: {render.one_line(message)}", err=True)
 
 
 @click.group(name="pp", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,7 +175,7 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
     plans = [(app_file, op.plan_apply(store, app_file, prune_nodes)) for app_file in app_files]
     for _, plan in plans:
         for item in plan:
-            click.echo(render.diff(item.key, item.old, item.new), nl=False)
+            echo(render.diff(item.key, item.old, item.new), nl=False)
             for version in op.changed_artifacts(item.old, item.new):
                 _warn(
                     f"{item.key}: version {version} gets a different sha256; a version's"
@@ -179,14 +184,12 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
     who = op.actor()
     for app_file, plan in plans:
         if not plan:
-            click.echo(f"{app_file.app}: up to date")
+            echo(f"{app_file.app}: up to date")
         elif dry_run:
-            click.echo(
-                f"{app_file.app}: {len(plan)} key(s) would change (dry run, nothing written)"
-            )
+            echo(f"{app_file.app}: {len(plan)} key(s) would change (dry run, nothing written)")
         else:
             op.execute_apply(store, app_file.app, plan, who)
-            click.echo(f"{app_file.app}: {len(plan)} key(s) written")
+            echo(f"{app_file.app}: {len(plan)} key(s) written")
 
 
 @cli.command()
@@ -195,7 +198,7 @@ def validate(files: Sequence[str]) -> None:
     """Check app files without touching the store."""
     for path in files:
         app_file = read_app_file(path)
-        click.echo(f"{path}: ok ({_describe(app_file)})")
+        echo(f"{path}: ok ({_describe(app_file)})")
 
 
 def _describe(app_file: AppFile) -> str:
@@ -207,7 +210,7 @@ def _describe(app_file: AppFile) -> str:
 @cli.command()
 def schema() -> None:
     """Print the JSON Schema of app files and of every stored value."""
-    click.echo(json.dumps(intent_schema(), indent=2))
+    echo(json.dumps(intent_schema(), indent=2))
 
 
 @cli.command()
@@ -227,9 +230,7 @@ def get(env: Env, app: str, as_json: bool) -> None:
     if as_json:
         _print_json(view.document)
     else:
-        click.echo(
-            yaml.safe_dump(view.document, sort_keys=False, default_flow_style=False), nl=False
-        )
+        echo(yaml.safe_dump(view.document, sort_keys=False, default_flow_style=False), nl=False)
     if view.problems:
         raise PPError("; ".join(view.problems))
 
@@ -265,13 +266,13 @@ def deploy(env: Env, app: str, version: str, cluster: str, sha256: str, url: str
     before = _active(change.old)
     where = f"{app}/{cluster}"
     if not change.changed:
-        click.echo(f"{where}: {version} is already active, nothing changed")
+        echo(f"{where}: {version} is already active, nothing changed")
     elif change.old is None:
-        click.echo(f"{where}: {version} is active (config created)")
+        echo(f"{where}: {version} is active (config created)")
     elif before is None or before == version:
-        click.echo(f"{where}: {version} is active")
+        echo(f"{where}: {version} is active")
     else:
-        click.echo(f"{where}: {version} is active ({before} kept as prep)")
+        echo(f"{where}: {version} is active ({before} kept as prep)")
     if store.get_raw(keys.deploy_config(app, cluster)) is None:
         _warn(
             f"{keys.deploy_config(app, cluster)} is missing; nodes of {where} hold until it"
@@ -322,7 +323,7 @@ def rollback(env: Env, app: str, cluster: str, to: str | None) -> None:
     change = op.update(store, key, transform, app=app, action="rollback", who=op.actor())
     before, after = _active(change.old), _active(change.new)
     kept = f" ({before} kept as prep)" if before else ""
-    click.echo(f"{app}/{cluster}: rolled back to {after}{kept}")
+    echo(f"{app}/{cluster}: rolled back to {after}{kept}")
 
 
 @cli.command()
@@ -354,11 +355,11 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
         )
         old_cluster = change.old.get("cluster") if isinstance(change.old, dict) else None
         if not change.changed:
-            click.echo(f"{node}: already runs {app}/{cluster}")
+            echo(f"{node}: already runs {app}/{cluster}")
         elif old_cluster:
-            click.echo(f"{node}: runs {app}/{cluster} (was {old_cluster})")
+            echo(f"{node}: runs {app}/{cluster} (was {old_cluster})")
         else:
-            click.echo(f"{node}: runs {app}/{cluster}")
+            echo(f"{node}: runs {app}/{cluster}")
 
 
 @cli.command()
@@ -381,7 +382,7 @@ def unassign(env: Env, app: str, nodes: Sequence[str]) -> None:
         op.update(
             store, keys.node_app(node, app), lambda _old: None, app=app, action="unassign", who=who
         )
-        click.echo(f"{node}: no longer runs {app}")
+        echo(f"{node}: no longer runs {app}")
 
 
 @cli.command()
@@ -398,7 +399,7 @@ def retry(env: Env, app: str, node: str | None) -> None:
     if node is not None:
         op.check_name("node", node)
     for done in op.request_retry(env.store(), app, node, actor=op.actor()):
-        click.echo(f"{done}: retry of {app} requested")
+        echo(f"{done}: retry of {app} requested")
 
 
 # -- what happened ------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
         expected = {(node, a) for a in store.assignments(node)}
     unreported = sorted(expected - {(r.node, r.app) for r in reports})
     rows = render.status_rows(reports, unreported, time.time())
-    click.echo(render.table(render.STATUS_COLUMNS, rows))
+    echo(render.table(render.STATUS_COLUMNS, rows))
 
 
 @cli.command()
@@ -445,7 +446,7 @@ def history(env: Env, app: str, as_json: bool) -> None:
     if as_json:
         _print_json([r.model_dump(mode="json") for r in records])
         return
-    click.echo(render.table(render.HISTORY_COLUMNS, render.history_rows(records)))
+    echo(render.table(render.HISTORY_COLUMNS, render.history_rows(records)))
 
 
 cli.add_command(pack)
@@ -459,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except click.Abort:
-        click.echo("pp: error: interrupted", err=True)
+        echo("pp: error: interrupted", err=True)
         return 130
     except BrokenPipeError:
         # `pp history | head`: the reader left. Point stdout at /dev/null so the

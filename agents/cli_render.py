@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,13 +31,33 @@ def age(seconds: float) -> str:
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """Columns padded to their widest cell; the last column is left ragged."""
-    rows = [list(header), *(list(r) for r in rows)]
+    rows = [list(header), *([terminal_safe(cell) for cell in r] for r in rows)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character that could steer a terminal shown as an escape.
+
+    Messages, versions and values come from the store, which app owners write: an
+    ANSI sequence there could rewrite what ``pp status`` shows (hide an error, fake a
+    healthy row) and a bidi override could reorder it. Control and format characters
+    (Unicode categories Cc and Cf, line and paragraph separators) become ``\\xNN``
+    or ``\\uNNNN``; newlines and tabs stay, so multi-line output keeps its shape."""
+    return "".join(c if c in "\n\t" or not _steers(c) else _escape(c) for c in text)
+
+
+def _steers(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def one_line(text: str) -> str:

@@ -9,6 +9,11 @@ CLUSTERS = "clusters/"
 REALITY = "reality/"
 AUDIT = "audit/"
 LEASES = "leases/"
+AGENTS = "agents/"
+EMPTIED = "emptied/"
+
+IDENTITY = "identity"
+"""This store's identity: which intent the agents have been converging (see trust)."""
 
 
 def node_apps(node: str) -> str:
@@ -57,6 +62,17 @@ def audit(app: str, record_id: str) -> str:
 
 def lease(resource: str) -> str:
     return f"{LEASES}{resource}/"
+
+
+def emptied(node: str) -> str:
+    """An operator's record that ``node`` is meant to run nothing (``pp unassign --all``):
+    without it, a node whose every assignment vanishes at once is held, not emptied."""
+    return f"{EMPTIED}{node}"
+
+
+def agent_status(node: str, agent: str) -> str:
+    """One agent's own state on one node (held or trusting), apart from its apps."""
+    return f"{AGENTS}{node}/{agent}"
 
 
 def last_segment(key: str) -> str:

@@ -221,6 +221,36 @@ class Reality(BaseModel):
     """When the status last changed: 'error for 3 h' differs from 'error for 3 s'."""
 
 
+class StoreIdentity(BaseModel):
+    """``identity``: which store this is, so agents can tell it from a wiped or another one.
+
+    Created with the first write ``pp`` makes (or ``pp init``). ``adopts`` lists earlier
+    identities an operator has declared this store the successor of (``pp store adopt``),
+    so agents that knew one of them resume instead of holding."""
+
+    id: str
+    created_at: float = Field(default_factory=time.time)
+    created_by: str = ""
+    adopts: list[str] = Field(default_factory=list)
+
+    def succeeds(self, known: str) -> bool:
+        return known == self.id or known in self.adopts
+
+
+AgentState = Literal["trusting", "held"]
+
+
+class AgentStatus(BaseModel):
+    """``agents/<node>/<agent>``: whether an agent acts on the intent it sees, and why not."""
+
+    node: str
+    agent: str
+    state: AgentState
+    reason: str | None = None
+    since: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+
 class AuditRecord(BaseModel):
     """``audit/<app>/<id>``: one change made through the ``pp`` CLI."""
 

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from intent import keys
 from intent.model import (
+    AgentStatus,
     AppConfig,
     AuditRecord,
     DeployConfig,
@@ -22,11 +23,12 @@ from intent.model import (
     M,
     NodeAssignment,
     Reality,
+    StoreIdentity,
     decode_json,
     is_safe_name,
     parse,
 )
-from intent.store.kv import KVStore, StoreError, WatchToken
+from intent.store.kv import MUST_NOT_EXIST, KVStore, StoreError, WatchToken
 
 T = TypeVar("T")
 
@@ -219,6 +221,66 @@ class IntentStore:
             if app is None or report.app == app:
                 reports.append(report)
         return reports
+
+    # -- trust ----------------------------------------------------------------------------
+
+    def identity(self) -> StoreIdentity | None:
+        """This store's identity record, None when there is none; IntentError when it
+        cannot be read (agents then hold, as for a missing one they knew)."""
+        entry = self.kv.get(self._k(keys.IDENTITY))
+        if entry is None:
+            return None
+        return parse(StoreIdentity, entry.value, keys.IDENTITY)
+
+    def ensure_identity(self, actor: str) -> StoreIdentity:
+        """The identity record, created first if the store has none (what ``pp init``
+        and the first write ``pp`` makes do)."""
+        while (found := self.identity()) is None:
+            new = StoreIdentity(id=uuid.uuid4().hex, created_by=actor)
+            if self.kv.put(self._k(keys.IDENTITY), encode(new.model_dump()), MUST_NOT_EXIST):
+                return new
+        return found
+
+    def adopt(self, earlier: str, actor: str) -> StoreIdentity:
+        """Declare this store the successor of the store whose identity was ``earlier``."""
+        while True:
+            self.ensure_identity(actor)
+            entry = self.kv.get(self._k(keys.IDENTITY))
+            if entry is None:
+                continue
+            current = parse(StoreIdentity, entry.value, keys.IDENTITY)
+            if current.succeeds(earlier):
+                return current
+            adopted = current.model_copy(update={"adopts": [*current.adopts, earlier]})
+            if self.kv.put(self._k(keys.IDENTITY), encode(adopted.model_dump()), entry.version):
+                return adopted
+
+    def is_emptied(self, node: str) -> bool:
+        """Whether an operator recorded that ``node`` is meant to run nothing."""
+        return self.get_raw(keys.emptied(node)) is not None
+
+    def write_agent_status(self, status: AgentStatus) -> None:
+        """Record whether an agent trusts what it sees; keeps ``since`` while unchanged."""
+        key = self._k(keys.agent_status(status.node, status.agent))
+        previous = self.kv.get(key)
+        if previous is not None:
+            try:
+                old = AgentStatus.model_validate_json(previous.value)
+            except ValueError:
+                old = None
+            if old is not None and (old.state, old.reason) == (status.state, status.reason):
+                status = status.model_copy(update={"since": old.since})
+        self.kv.put(key, status.model_dump_json().encode())
+
+    def agent_statuses(self, node: str | None = None) -> list[AgentStatus]:
+        prefix = self._k(keys.AGENTS + (f"{node}/" if node else ""))
+        statuses = []
+        for entry in self.kv.list(prefix):
+            try:
+                statuses.append(AgentStatus.model_validate_json(entry.value))
+            except ValueError:
+                continue
+        return statuses
 
     # -- audit ----------------------------------------------------------------------------
 

@@ -1,0 +1,128 @@
+"""Whether an agent may act on the intent it sees: absence is not intent.
+
+A wiped prefix, a ``consul agent -dev`` that restarted empty, agents pointed at the
+wrong datacenter and a replaced database file all read exactly like intent that says
+"run nothing here", and acting on that would tear the host down. Two checks tell them
+apart, and while either fails the agent is *held*: it changes nothing on the host.
+
+- **Identity.** The store carries an identity record (``identity``, made by ``pp``'s
+  first write or ``pp init``). Each agent remembers the identity it last converged
+  from, on the host. A store without that identity, or with another one, is not the
+  intent the host was built from, until it is restored or an operator declares it the
+  successor (``pp init --adopt <old id>``).
+- **Vanishing.** A node whose every assignment disappears in one step is held unless an
+  operator recorded that the node is meant to be empty (``emptied/<node>``, written by
+  ``pp unassign``). Removing some of a node's apps needs no such record.
+
+``assess`` is the whole decision, pure; ``MemoryFile`` keeps what it needs on disk so
+a restarted agent holds exactly as the one before it did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.system import fs
+from intent.model import StoreIdentity
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What an agent remembers of the store it converged from, across restarts."""
+
+    identity: str | None = None
+    assigned: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the store shows now."""
+
+    identity: StoreIdentity | None
+    assigned: frozenset[str]
+    emptied: bool = False
+    identity_error: str | None = None
+    """Set when the identity record exists but cannot be read."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    trusted: bool
+    reason: str | None = None
+    remember: Memory = field(default_factory=Memory)
+    """The memory to keep: updated when trusted, the old one when held."""
+
+
+def assess(memory: Memory, seen: Seen, node: str) -> Verdict:
+    """Whether the intent ``seen`` may be acted on by an agent that remembers ``memory``."""
+    if (reason := _identity_problem(memory, seen)) is not None:
+        return Verdict(False, reason, memory)
+    if memory.assigned and not seen.assigned and not seen.emptied:
+        apps = ", ".join(sorted(memory.assigned))
+        return Verdict(
+            False,
+            f"every assignment of {node} vanished at once (it ran {apps}); if the node is "
+            f"meant to run nothing, record it with: pp unassign --all {node}",
+            memory,
+        )
+    identity = seen.identity.id if seen.identity is not None else memory.identity
+    return Verdict(True, None, Memory(identity, seen.assigned))
+
+
+def _identity_problem(memory: Memory, seen: Seen) -> str | None:
+    if seen.identity_error is not None:
+        return f"the store's identity record cannot be read ({seen.identity_error})"
+    if memory.identity is None:
+        return None
+    adopt = (
+        f"restore the intent (e.g. consul kv import of a backup) or, if this store is "
+        f"meant to replace the old one, run: pp init --adopt {memory.identity}"
+    )
+    if seen.identity is None:
+        return (
+            f"the store has no identity record, but this host converged from store "
+            f"{memory.identity}: it may be wiped, replaced or the wrong one; {adopt}"
+        )
+    if not seen.identity.succeeds(memory.identity):
+        return (
+            f"the store is {seen.identity.id}, but this host converged from store "
+            f"{memory.identity}; {adopt}"
+        )
+    return None
+
+
+class MemoryFile:
+    """``Memory`` in a JSON file of the agent's own state directory (root's, 0600)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        """None keeps the memory in this process only (tests, one-off runs)."""
+        self._cached: Memory | None = None
+
+    def load(self) -> Memory:
+        if self._cached is not None:
+            return self._cached
+        memory = Memory()
+        if self.path is not None:
+            try:
+                data = json.loads(self.path.read_bytes())
+                memory = Memory(data.get("identity"), frozenset(data.get("assigned", [])))
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, AttributeError):
+                # Unreadable memory could hide a wipe: remember the worst case instead,
+                # "this host ran something", until the store proves otherwise.
+                memory = Memory(None, frozenset({"<unreadable memory>"}))
+        self._cached = memory
+        return memory
+
+    def save(self, memory: Memory) -> None:
+        if memory == self._cached:
+            return
+        if self.path is not None:
+            data = {"identity": memory.identity, "assigned": sorted(memory.assigned)}
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fs.write_atomic(self.path, json.dumps(data, sort_keys=True).encode(), 0o600)
+        self._cached = memory

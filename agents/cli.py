@@ -353,6 +353,7 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
             action="assign",
             who=who,
         )
+        op.clear_emptied(store, node)
         old_cluster = change.old.get("cluster") if isinstance(change.old, dict) else None
         if not change.changed:
             echo(f"{node}: already runs {app}/{cluster}")
@@ -363,26 +364,66 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
 
 
 @cli.command()
-@click.argument("app")
-@click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
+@click.argument("args", nargs=-1, required=True, metavar="APP NODE... | --all NODE...")
+@click.option("--all", "everything", is_flag=True, help="Every app of each NODE.")
 @pass_env
-def unassign(env: Env, app: str, nodes: Sequence[str]) -> None:
-    """Stop APP on NODEs. Nothing changes if any NODE does not run APP."""
+def unassign(env: Env, args: Sequence[str], everything: bool) -> None:
+    """Stop APP on NODEs, or with --all every app on NODEs.
+
+    Nothing changes if any NODE does not run APP. A node left running nothing is
+    recorded as emptied on purpose: agents hold a node whose every assignment
+    vanishes without that record, as a wiped store would look the same.
+    """
+    store = env.store()
+    who = op.actor()
+    if everything:
+        for node in args:
+            op.check_name("node", node)
+        for node in args:
+            removed = op.unassign(store, node, sorted(store.assignments(node)), who)
+            echo(f"{node}: runs nothing" + (f" (was {', '.join(removed)})" if removed else ""))
+        return
+    app, nodes = args[0], args[1:]
+    if not nodes:
+        raise PPUsageError("give APP and at least one NODE, or --all NODE...")
     op.check_name("app", app)
     for node in nodes:
         op.check_name("node", node)
-    store = env.store()
     assigned = store.nodes_of(app)
     missing = [node for node in nodes if node not in assigned]
     if missing:
         running = ", ".join(sorted(assigned)) or "none"
         raise PPError(f"{app} is not assigned to {', '.join(missing)} (assigned: {running})")
-    who = op.actor()
     for node in nodes:
-        op.update(
-            store, keys.node_app(node, app), lambda _old: None, app=app, action="unassign", who=who
-        )
+        op.unassign(store, node, [app], who)
         echo(f"{node}: no longer runs {app}")
+
+
+@cli.command()
+@click.option(
+    "--adopt",
+    "earlier",
+    default=None,
+    metavar="IDENTITY",
+    help="Declare this store the successor of the store with this identity.",
+)
+@pass_env
+def init(env: Env, earlier: str | None) -> None:
+    """Give the store its identity (the first write pp makes does it too).
+
+    Agents remember the identity of the store they converged from and hold,
+    changing nothing, when they see another store or none. After moving to a new
+    store on purpose, --adopt the old identity (pp status shows it) to let them go on.
+    """
+    store = env.store()
+    existed = store.identity()
+    identity = store.ensure_identity(op.actor())
+    echo(f"store identity: {identity.id}" + (" (already set)" if existed else " (created)"))
+    if earlier is not None:
+        if not earlier.isalnum():
+            raise PPUsageError(f"--adopt {earlier!r}: an identity is letters and digits")
+        store.adopt(earlier, op.actor())
+        echo(f"store {identity.id} adopts {earlier}: agents that knew {earlier} go on")
 
 
 @cli.command()
@@ -431,7 +472,11 @@ def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
     elif node is not None:
         expected = {(node, a) for a in store.assignments(node)}
     unreported = sorted(expected - {(r.node, r.app) for r in reports})
-    rows = render.status_rows(reports, unreported, time.time())
+    now = time.time()
+    for held in store.agent_statuses(node):
+        if held.state == "held":
+            echo(f"HELD {held.node} {held.agent} for {render.age(now - held.since)}: {held.reason}")
+    rows = render.status_rows(reports, unreported, now)
     echo(render.table(render.STATUS_COLUMNS, rows))
 
 

@@ -124,6 +124,7 @@ def update(
         new = transform(old)
         if new == old:
             return Change(key, old, new)
+        store.ensure_identity(who)
         expect = current.version if current else MUST_NOT_EXIST
         if new is None:
             written = store.delete(key, expect=expect)
@@ -316,6 +317,8 @@ def execute_apply(store: IntentStore, app: str, plan: Sequence[PlannedWrite], wh
     earlier keys written; the message says how many, and re-running ``pp apply``
     (which diffs against the store again) finishes the job.
     """
+    if plan:
+        store.ensure_identity(who)
     for done, item in enumerate(plan):
         if item.new is None:
             written = store.delete(item.key, expect=item.version)
@@ -401,9 +404,39 @@ def request_retry(
         nodes = sorted(assigned)
         if not nodes:
             raise IntentError(f"{keys.NODES}*/{app}: app {app} is not assigned to any node")
+    store.ensure_identity(actor)
     for target in nodes:
         value = {"token": uuid.uuid4().hex, "at": time.time(), "actor": actor}
         key = keys.retry(target, app)
         store.put_json(key, value)
         store.record_audit(AuditRecord(app=app, key=key, action="retry", actor=actor, new=value))
     return nodes
+
+
+# -- emptying a node on purpose -----------------------------------------------------------
+
+
+def unassign(store: IntentStore, node: str, apps: Sequence[str], who: str) -> list[str]:
+    """Delete ``node``'s assignments of ``apps``; returns the apps it ran.
+
+    When that leaves the node running nothing, the node is first recorded as emptied
+    on purpose (``emptied/<node>``): agents hold a node whose every assignment vanishes
+    at once without that record, since a wiped store looks the same (agents/trust.py)."""
+    remaining = set(store.assignments(node)) - set(apps)
+    if not remaining:
+        store.ensure_identity(who)
+        store.put_json(keys.emptied(node), {"at": time.time(), "actor": who})
+    removed = []
+    for app in apps:
+        change = update(
+            store, keys.node_app(node, app), lambda _old: None, app=app, action="unassign", who=who
+        )
+        if change.changed:
+            removed.append(app)
+    return removed
+
+
+def clear_emptied(store: IntentStore, node: str) -> None:
+    """``node`` runs something again: it is no longer meant to be empty."""
+    if store.is_emptied(node):
+        store.delete(keys.emptied(node))

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from agents import cli
 from agents.appfile import read_app_file
 from intent import keys
-from intent.model import AppConfig, Reality
+from intent.model import AgentStatus, AppConfig, Reality
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore
 
@@ -723,3 +723,58 @@ def test_history_skips_an_audit_record_it_cannot_read(
     result = pp("history", "hello")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
+
+
+# -- trust: the store's identity and nodes emptied on purpose ----------------------------
+
+
+def test_the_first_write_gives_the_store_an_identity_and_init_shows_it(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    identity = store.identity()
+    assert identity is not None and identity.created_by == "tester"
+    shown = pp("init")
+    assert shown.exit_code == 0
+    assert shown.output == f"store identity: {identity.id} (already set)\n"
+
+
+def test_init_adopt_declares_the_store_the_successor_of_another(pp: Pp, store: IntentStore) -> None:
+    created = pp("init", "--adopt", "0123abcd")
+    assert created.exit_code == 0, created.output
+    identity = store.identity()
+    assert identity is not None and identity.succeeds("0123abcd")
+    assert pp("init", "--adopt", "0123abcd").exit_code == 0  # idempotent
+    assert store.identity() == identity
+    assert "an identity is letters and digits" in one_error_line(pp("init", "--adopt", "../x"))
+
+
+def test_unassigning_a_nodes_last_app_records_the_node_as_emptied(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    assert not store.is_emptied("web1")
+    assert pp("unassign", "hello", "web1").exit_code == 0
+    assert store.is_emptied("web1")
+    assert pp("assign", "hello", "web1", "-c", "production").exit_code == 0
+    assert not store.is_emptied("web1")  # it runs something again
+
+
+def test_unassign_all_empties_every_node_named(pp: Pp, hello: str, store: IntentStore) -> None:
+    store.put_json(keys.node_app("web1", "other"), {"cluster": "production"})
+    done = pp("unassign", "--all", "web1", "web2")
+    assert done.exit_code == 0, done.output
+    assert done.output == "web1: runs nothing (was hello, other)\nweb2: runs nothing (was hello)\n"
+    assert store.assignments("web1") == {} and store.assignments("web2") == {}
+    assert store.is_emptied("web1") and store.is_emptied("web2")
+    assert "give APP and at least one NODE" in one_error_line(pp("unassign", "hello"))
+
+
+def test_status_puts_held_agents_first_with_their_reason(pp: Pp, store: IntentStore) -> None:
+    store.write_agent_status(
+        AgentStatus(node="web1", agent="setlive", state="held", reason="the store is new")
+    )
+    store.write_agent_status(AgentStatus(node="web2", agent="setlive", state="trusting"))
+    shown = pp("status")
+    assert shown.exit_code == 0
+    assert shown.output.splitlines()[0].startswith("HELD web1 setlive for ")
+    assert shown.output.splitlines()[0].endswith(": the store is new")
+    assert "web2" not in shown.output

@@ -400,6 +400,38 @@ def unassign(env: Env, args: Sequence[str], everything: bool) -> None:
 
 
 @cli.command()
+@click.argument("node")
+@click.option("-a", "--app", "apps", multiple=True, help="Only this app (repeatable).")
+@pass_env
+def drain(env: Env, node: str, apps: Sequence[str]) -> None:
+    """Take NODE's apps (or --app) out of their load balancers, leaving them running."""
+    _drain(env, node, apps, on=True)
+
+
+@cli.command()
+@click.argument("node")
+@click.option("-a", "--app", "apps", multiple=True, help="Only this app (repeatable).")
+@pass_env
+def undrain(env: Env, node: str, apps: Sequence[str]) -> None:
+    """Put NODE's apps (or --app) back into their load balancers once healthy."""
+    _drain(env, node, apps, on=False)
+
+
+def _drain(env: Env, node: str, apps: Sequence[str], on: bool) -> None:
+    op.check_name("node", node)
+    for app in apps:
+        op.check_name("app", app)
+    store = env.store()
+    targets = sorted(apps) or sorted(store.assignments(node))
+    if not targets:
+        raise PPError(f"{node} runs no app")
+    changed = set(op.drain(store, node, targets, op.actor(), on))
+    verb = "drained" if on else "not drained"
+    for app in targets:
+        echo(f"{node}: {app} {verb}" + ("" if app in changed else " (already)"))
+
+
+@cli.command()
 @click.option(
     "--adopt",
     "earlier",

@@ -440,3 +440,24 @@ def clear_emptied(store: IntentStore, node: str) -> None:
     """``node`` runs something again: it is no longer meant to be empty."""
     if store.is_emptied(node):
         store.delete(keys.emptied(node))
+
+
+def drain(store: IntentStore, node: str, apps: Sequence[str], who: str, on: bool) -> list[str]:
+    """``pp drain``/``undrain``: ask the node's load-balancer registrar to take ``apps``
+    out of (or put them back into) their load balancers. Returns the apps changed."""
+    assigned = store.assignments(node)
+    for app in apps:
+        if app not in assigned:
+            raise IntentError(f"{keys.node_app(node, app)}: {app} is not assigned to {node}")
+    request = {"at": time.time(), "actor": who}
+
+    def transform(old: Json) -> Json:
+        # An existing request is kept as it is: it says since when the node drains.
+        return (old if old is not None else request) if on else None
+
+    action = "drain" if on else "undrain"
+    changed = []
+    for app in apps:
+        if update(store, keys.drain(node, app), transform, app=app, action=action, who=who).changed:
+            changed.append(app)
+    return changed

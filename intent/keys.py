@@ -31,6 +31,12 @@ def retry(node: str, app: str) -> str:
     return f"{NODES}{node}/{app}/retry"
 
 
+def drain(node: str, app: str) -> str:
+    """An operator's request that ``app`` on ``node`` be taken out of its load balancers
+    (``pp drain``); below the assignment, so the node's own watch sees it."""
+    return f"{NODES}{node}/{app}/drain"
+
+
 def app_clusters(app: str) -> str:
     return f"{CLUSTERS}{app}/"
 

@@ -778,3 +778,16 @@ def test_status_puts_held_agents_first_with_their_reason(pp: Pp, store: IntentSt
     assert shown.output.splitlines()[0].startswith("HELD web1 setlive for ")
     assert shown.output.splitlines()[0].endswith(": the store is new")
     assert "web2" not in shown.output
+
+
+def test_drain_and_undrain_write_and_remove_the_request(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    assert pp("drain", "web1").output == "web1: hello drained\n"
+    (intent,) = store.apps_for_node("web1")
+    assert intent.drained
+    assert pp("drain", "web1", "--app", "hello").output == "web1: hello drained (already)\n"
+    assert pp("undrain", "web1").output == "web1: hello not drained\n"
+    (intent,) = store.apps_for_node("web1")
+    assert not intent.drained
+    assert "other is not assigned to web1" in one_error_line(pp("drain", "web1", "-a", "other"))

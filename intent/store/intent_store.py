@@ -56,6 +56,8 @@ class AppIntent:
     error: str | None = None
     retry_token: str | None = None
     """Set by ``pp retry``: a new token asks for a failed version to be tried again."""
+    drained: bool = False
+    """Set by ``pp drain``: keep this node out of the app's load balancers."""
 
     @property
     def valid(self) -> bool:
@@ -103,7 +105,7 @@ class IntentStore:
         entries = self._node_entries(node)
         intents = []
         for app, raw in sorted(entries.items()):
-            if "/" in app or not app:  # a retry request, or a folder marker
+            if "/" in app or not app:  # a retry or drain request, or a folder marker
                 continue
             key = keys.node_app(node, app)
             if not is_safe_name(app):
@@ -115,11 +117,13 @@ class IntentStore:
             except IntentError as exc:
                 intents.append(AppIntent(app=app, error=str(exc)))
                 continue
-            retry = entries.get(keys.retry(node, app).removeprefix(keys.node_apps(node)))
+            below = keys.node_apps(node)
+            retry = entries.get(keys.retry(node, app).removeprefix(below))
             intents.append(
                 replace(
                     self._app_intent_or_error(app, assignment.cluster),
                     retry_token=_retry_token(retry.value) if retry else None,
+                    drained=keys.drain(node, app).removeprefix(below) in entries,
                 )
             )
         return intents

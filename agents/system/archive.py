@@ -1,13 +1,42 @@
 """Extract an untrusted tarball into a directory, and nothing outside it.
 
-The standard library's ``data`` extraction filter does the path work (no
-absolute paths, nothing resolving outside the destination, no links out, no
-device files, no ownership from the archive). On top of it this module refuses
-what the filter would quietly rewrite: member names with ``..`` or a leading
-``/``, setuid/setgid files, and the install marker's reserved name. A
-decompression bomb is stopped twice: by the sizes and count the headers declare,
-and by counting the bytes actually decompressed (so a header that lies, or a
-huge extended header, cannot get further than the limit either).
+tarfile parses the stream (a well-kept parser for a format with many dialects);
+the writing is ours. Path checks cannot make writing safe: ``realpath`` gives up
+on a chain of symlinks longer than PATH_MAX while the kernel goes on following
+it (CVE-2025-4517 defeats tarfile's own ``data`` filter that way), so any rule
+phrased as arithmetic on paths can be outrun by an archive that plants links.
+Here no path is ever resolved by the kernel: every member is written relative to
+a directory file descriptor opened from ``dest`` downward, one name at a time,
+with ``O_NOFOLLOW``. A symlink the archive made is never followed while
+extracting, so it cannot redirect a later member.
+
+What a member may be, and what becomes of it:
+
+- Its name is relative, without ``..``, not a reserved name, and reaches its
+  directory through directories only: a member whose path passes through a
+  symlink (or a file) is refused, even when the link points inside.
+- Regular file: created with ``O_EXCL|O_NOFOLLOW``; mode as tarfile's ``data``
+  filter makes it (no setuid/setgid, which are refused, no group/world write,
+  executable bits only with the owner's, always owner read/write); mtime kept.
+  A name repeated in the archive is tar's "the later one wins": the earlier
+  file, link or symlink is unlinked (never written through) and replaced.
+- Directory: created 0o755 (under the umask: the ``data`` filter's "system
+  default" without group/world write); a repeated directory is fine, but a
+  directory's name is never taken over by a file or link, nor the reverse.
+- Symlink: its target must be relative and stay inside lexically (the ``data``
+  filter's rule). What it points at is the owner's business once the tree is
+  theirs; while we extract it is never followed.
+- Hard link: to a regular file extracted earlier from this archive (never to a
+  symlink or directory), reached the same way; linked with ``linkat`` without
+  following. A file hard-linked to itself, as some archivers write, is that file.
+- Devices, fifos, sparse files and other types are refused; ownership in the
+  archive is ignored (everything is ours until ``chown_tree``).
+
+Two kinds of bomb are stopped. A decompression bomb: by the sizes and count the
+headers declare, and by counting the bytes actually decompressed (in a thread
+of its own, so inflating overlaps with writing). A memory bomb: tarfile reads an
+extended header (GNU long name, pax) whole into memory, so one declaring two
+gigabytes is refused from its size before it is read (``MAX_EXTENDED_HEADER``).
 
 Any refusal aborts the whole extraction: the caller discards the directory.
 """
@@ -25,21 +54,52 @@ import stat
 import sys
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 if TYPE_CHECKING or sys.version_info >= (3, 12):
     import tarfile
 else:
-    # Extraction filters (PEP 706) came in 3.11.4; Debian bookworm's Python is 3.11.2.
-    # The backport is CPython 3.12's tarfile, so every 3.11 runs the same code.
+    # Bookworm's Python is 3.11.2; the backport is a newer CPython's tarfile, so every
+    # 3.11 parses with the same code.
     from backports import tarfile
 
 CHUNK = 1 << 20
+COPY_BUFFER = 1 << 16
 HEADER_ALLOWANCE = 4096
 """Bytes of tar headers and padding allowed per member on top of its data."""
+MAX_EXTENDED_HEADER = 64 << 10
+"""The largest extended header (GNU long name or link, pax, Solaris) read into memory.
+A path or link target is at most PATH_MAX (4 KiB) and GNU tar's pax records for one
+file take a few hundred bytes: 64 KiB is generous, and nothing beside a memory limit."""
+MAX_CHAINED_HEADERS = 8
+"""Extended headers before one member (pax, global pax, long name, long link make 4):
+tarfile parses a chain recursively and holds every header until the member comes."""
+MAX_GLOBAL_HEADER_BYTES = MAX_EXTENDED_HEADER
+"""Global pax headers in a whole archive: tarfile keeps them for the archive's life."""
+MAX_NAME = 4096
+"""Longest member name or link target (PATH_MAX): nothing could open a longer path
+whole, and walking a name costs a lookup per component."""
+OPEN_DIRECTORIES = 64
+"""Directory descriptors kept open while extracting (the most recently used). Archives
+list a directory's entries together, so a few dozen suffice; several extractions may
+run at once under one RLIMIT_NOFILE."""
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_EXTENDED_HEADERS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+    tarfile.XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended",
+}
+
+_T = TypeVar("_T")
+_Refuse = Callable[[str], NoReturn]
 
 
 class ArchiveError(Exception):
@@ -69,15 +129,19 @@ def extract(
     limits: Limits,
     reserved: Collection[str] = (),
 ) -> Extracted:
-    """Extract ``archive`` (tar, optionally gzip/xz/bzip2) into the existing ``dest``."""
-    check = _Checker(str(dest), limits, frozenset(reserved))
+    """Extract ``archive`` (tar, optionally gzip/xz/bzip2) into the existing ``dest``.
+
+    ``reserved`` are top-level names (the install marker's) that the archive may
+    neither create nor put anything under."""
     with archive.open("rb") as raw, _decompressed(raw, limits.max_stream_bytes) as stream:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-                tar.errorlevel = 2
-                tar.extractall(dest, filter=check)
-        except tarfile.FilterError as exc:
-            raise ArchiveError(_describe_filter_error(exc)) from None
+            with (
+                _Writer(dest, limits, frozenset(reserved)) as writer,
+                _TarStream.open(fileobj=stream, mode="r|") as tar,  # type: ignore[call-overload]
+            ):
+                while (member := tar.next()) is not None:
+                    writer.add(member, tar.fileobj)
+                writer.finish()
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
             raise ArchiveError(f"not a valid tar archive: {exc}") from None
         except OSError as exc:
@@ -86,34 +150,162 @@ def extract(
                     f"no space left in {dest.parent} while extracting; free some space"
                 ) from None
             raise ArchiveError(f"cannot extract: {exc.strerror or exc}") from None
-    return Extracted(check.files, check.bytes)
+    return Extracted(writer.files, writer.bytes)
 
 
-# -- member checks ------------------------------------------------------------------------
+# -- parsing: tarfile's, with extended headers bounded before they are read ---------------
 
 
-class _Checker:
-    def __init__(self, dest: str, limits: Limits, reserved: frozenset[str]) -> None:
-        self.dest = os.path.realpath(dest)
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member parser, refusing headers it would otherwise hold in memory.
+
+    tarfile reads an extended header's data whole (``fileobj.read(size)``) before
+    parsing it, so a 2 MB gzip declaring a 2 GiB GNU long name costs gigabytes
+    before any check on the member can run. ``_proc_member`` sees the declared size
+    first. It is private, but tarfile's source names it as the hook for subclasses
+    ("can be overridden in a subclass"), and tests bomb every header kind and
+    measure the peak memory, so a tarfile that stopped calling it would be noticed.
+    """
+
+    def _proc_member(self, tarfile: Any) -> Any:
+        if self.size < 0:
+            raise ArchiveError(f"artifact refused: {self.name!r}: negative size")
+        if self.type == _GNU_SPARSE:
+            _refuse_sparse(self.name)
+        kind = _EXTENDED_HEADERS.get(self.type)
+        if kind is not None:
+            tarfile.count_extended_header(kind, self.size)
+        return super()._proc_member(tarfile)  # type: ignore[misc]
+
+    # A pax header may announce a sparse file, whose map tarfile then reads unbounded.
+    def _proc_gnusparse_00(self, *args: Any) -> NoReturn:
+        _refuse_sparse(self.name)
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+_GNU_SPARSE = tarfile.GNUTYPE_SPARSE
+
+
+def _refuse_sparse(name: str) -> NoReturn:
+    raise ArchiveError(f"artifact refused: {name!r}: sparse file (archive it without --sparse)")
+
+
+class _TarStream(tarfile.TarFile):
+    """A streaming ``TarFile`` that counts the extended headers it parses."""
+
+    tarinfo = _BoundedTarInfo
+    _chained = 0
+    _global_bytes = 0
+
+    def next(self) -> tarfile.TarInfo | None:
+        self._chained = 0
+        return super().next()
+
+    def count_extended_header(self, kind: str, size: int) -> None:
+        if size > MAX_EXTENDED_HEADER:
+            raise ArchiveError(
+                f"artifact refused: a {kind} header of {size} bytes "
+                f"(at most {MAX_EXTENDED_HEADER} are accepted)"
+            )
+        self._chained += 1
+        if self._chained > MAX_CHAINED_HEADERS:
+            raise ArchiveError(
+                f"artifact refused: more than {MAX_CHAINED_HEADERS} extended headers for one member"
+            )
+        if kind == "pax global":
+            self._global_bytes += size
+            if self._global_bytes > MAX_GLOBAL_HEADER_BYTES:
+                raise ArchiveError(
+                    f"artifact refused: more than {MAX_GLOBAL_HEADER_BYTES} bytes "
+                    "of pax global headers"
+                )
+
+
+# -- writing: each operation relative to a directory descriptor, nothing followed ---------
+
+
+class _Writer:
+    """Writes members under ``dest`` by the rules in the module docstring."""
+
+    def __init__(self, dest: Path, limits: Limits, reserved: frozenset[str]) -> None:
         self.limits = limits
         self.reserved = reserved
         self.files = 0
         self.bytes = 0
-        self.symlinks = False
+        self._regular: set[str] = set()
+        """Paths holding a regular file this archive wrote: the only hard link sources."""
+        self._directory_mtimes: dict[str, float] = {}
+        self._tree = _Tree(dest)
 
-    def __call__(self, member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo | None:
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tree.close()
+
+    def add(self, member: tarfile.TarInfo, source: Any) -> None:
+        """Write ``member``, whose data (if any) ``source`` reads."""
+        path = self._check(member)
+        refuse = _refuser(member.name)
+        parent, _, leaf = path.rpartition("/")
+        if not leaf:
+            if not member.isdir():
+                refuse("not a file name")
+            return  # "." or "./": the install directory itself
+        if member.islnk():
+            self._hard_link(member, path, refuse)
+            return
+        directory = self._tree.directory(parent, refuse)
+        if member.isreg():
+            fd = _replacing(
+                directory, leaf, refuse, lambda: os.open(leaf, _NEW_FILE, 0o600, dir_fd=directory)
+            )
+            try:
+                _copy(source, member.offset_data, member.size, fd)
+                os.fchmod(fd, _file_mode(member.mode))
+                _set_mtime(fd, member.mtime, refuse)
+            finally:
+                os.close(fd)
+            self._regular.add(path)
+        elif member.isdir():
+            try:
+                os.mkdir(leaf, 0o755, dir_fd=directory)
+            except FileExistsError:
+                if not stat.S_ISDIR(_lstat(directory, leaf)):
+                    refuse("a directory where an earlier member put a file or link")
+            self._directory_mtimes[path] = member.mtime
+        else:
+            self._symlink(member.linkname, parent, directory, leaf, refuse)
+            self._regular.discard(path)
+
+    def finish(self) -> None:
+        """Set directories' mtimes, last: writing into a directory changes its own."""
+        for path, mtime in self._directory_mtimes.items():
+            refuse = _refuser(path)
+            _set_mtime(self._tree.directory(path, refuse), mtime, refuse)
+
+    def _check(self, member: tarfile.TarInfo) -> str:
+        """The member's path with ``.`` and empty parts dropped, once it is allowed."""
         name = member.name
         refuse = _refuser(name)
+        if len(name) > MAX_NAME or len(member.linkname) > MAX_NAME:
+            refuse(f"name or link target longer than {MAX_NAME} characters")
+        if "\0" in name or "\0" in member.linkname:
+            refuse("NUL character in the name or link target")
         if name.startswith("/"):
             refuse("absolute path")
-        if ".." in name.split("/"):
+        parts = [part for part in name.split("/") if part not in ("", ".")]
+        if ".." in parts:
             refuse("'..' in the path")
-        if posixpath.normpath(name) in self.reserved:
+        if parts and parts[0] in self.reserved:
             refuse("reserved name")
         if member.ischr() or member.isblk():
             refuse("device file")
         if member.isfifo():
             refuse("fifo")
+        if member.issparse():
+            _refuse_sparse(name)
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
             refuse(f"unsupported member type {member.type!r}")
         if member.isreg() and member.mode & (stat.S_ISUID | stat.S_ISGID):
@@ -127,70 +319,202 @@ class _Checker:
                 f"artifact would extract to more than {self.limits.max_bytes} bytes "
                 "(raise --max-install-bytes if this is expected)"
             )
-        if self.symlinks or member.issym():
-            self.symlinks = True
-            return tarfile.data_filter(member, dest_path)
-        return self._data_filter_without_symlinks(member)
+        return "/".join(parts)
 
-    def _data_filter_without_symlinks(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
-        """``tarfile.data_filter`` for the (common) case where no symlink exists yet.
+    def _symlink(
+        self, target: str, parent: str, directory: int, leaf: str, refuse: _Refuse
+    ) -> None:
+        if not target:
+            refuse("symlink without a target")
+        if target.startswith("/"):
+            refuse(f"link to the absolute path {target!r}")
+        if _escapes(posixpath.join(parent, target)):
+            refuse(f"link to {target!r}, outside the install")
+        _replacing(directory, leaf, refuse, lambda: os.symlink(target, leaf, dir_fd=directory))
 
-        The stock filter resolves every path with ``realpath``, a dozen ``lstat``
-        calls per member and a third of the extraction time for many small files.
-        Until the archive has produced a symlink, the destination (a fresh private
-        directory) contains none, so resolving is the same as normalising: the
-        same checks, without the system calls. The first symlink switches every
-        later member to the stock filter; tests hold the two to the same results.
-        """
-        name = member.name.lstrip("/")
-        target = os.path.normpath(os.path.join(self.dest, name))
-        if os.path.commonpath([target, self.dest]) != self.dest:
-            raise tarfile.OutsideDestinationError(member, target)
-        attrs: dict[str, object] = {}
-        if name != member.name:
-            attrs["name"] = name
-        mode: int | None = member.mode & 0o755
-        if member.isreg() or member.islnk():
-            assert mode is not None
-            if not mode & 0o100:
-                mode &= ~0o111
-            mode |= 0o600
-        else:  # directories: every other type was refused above
-            mode = None
-        if mode != member.mode:
-            attrs["mode"] = mode
-        for owner in ("uid", "gid", "uname", "gname"):
-            if getattr(member, owner) is not None:
-                attrs[owner] = None
-        if member.islnk():
-            if os.path.isabs(member.linkname):
-                raise tarfile.AbsoluteLinkError(member)
-            linked = os.path.normpath(os.path.join(self.dest, member.linkname))
-            if os.path.commonpath([linked, self.dest]) != self.dest:
-                raise tarfile.LinkOutsideDestinationError(member, linked)
-        return member.replace(**attrs, deep=False) if attrs else member  # type: ignore[arg-type]
+    def _hard_link(self, member: tarfile.TarInfo, path: str, refuse: _Refuse) -> None:
+        target = member.linkname
+        if target.startswith("/"):
+            refuse(f"link to the absolute path {target!r}")
+        if _escapes(target):
+            refuse(f"link to {target!r}, outside the install")
+        source = "/".join(p for p in posixpath.normpath(target).split("/") if p != ".")
+        source_parent, _, source_leaf = source.rpartition("/")
+        parent, _, leaf = path.rpartition("/")
+        # Each lookup may close the least recently used descriptor: keep our own copy.
+        directory = os.dup(self._tree.directory(parent, refuse))
+        try:
+            source_directory = self._tree.existing(
+                source_parent, _refuser(member.name, f"link to {target!r}: ")
+            )
+            if source not in self._regular:
+                refuse(f"hard link to {target!r}, {_describe(source_directory, source_leaf)}")
+            assert source_directory is not None
+            if source != path:  # a file linked to itself, as some archivers write, is it
+                _replacing(
+                    directory,
+                    leaf,
+                    refuse,
+                    lambda: os.link(
+                        source_leaf,
+                        leaf,
+                        src_dir_fd=source_directory,
+                        dst_dir_fd=directory,
+                        follow_symlinks=False,
+                    ),
+                )
+            # The header's mode and mtime apply to the shared file, as with tarfile. The
+            # name is a regular file we just linked, in a directory only we write to.
+            os.chmod(leaf, _file_mode(member.mode), dir_fd=directory)
+            _set_mtime(leaf, member.mtime, refuse, directory)
+        finally:
+            os.close(directory)
+        self._regular.add(path)
 
 
-def _refuser(name: str) -> Callable[[str], None]:
-    def refuse(reason: str) -> None:
-        raise ArchiveError(f"artifact refused: {name!r}: {reason}")
+class _Tree:
+    """Descriptors of the directories under the install, each opened from its parent.
+
+    Every descriptor comes from its parent's and one name opened with
+    ``O_NOFOLLOW|O_DIRECTORY``, so no lookup ever passes through a symlink. The
+    install directory is fresh, private and root-owned while we extract, and we
+    never remove or replace a directory, so a cached descriptor keeps meaning
+    what its path meant: no re-checks per member.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._open: OrderedDict[str, int] = OrderedDict()
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+        os.close(self._root)
+
+    def directory(self, path: str, refuse: _Refuse) -> int:
+        """The directory ``path`` (relative, normalised), made as needed, as mkdir -p."""
+        fd = self._walk(path, refuse, create=True)
+        assert fd is not None
+        return fd
+
+    def existing(self, path: str, refuse: _Refuse) -> int | None:
+        """The directory ``path`` if it exists."""
+        return self._walk(path, refuse, create=False)
+
+    def _walk(self, path: str, refuse: _Refuse, create: bool) -> int | None:
+        if not path:
+            return self._root
+        fd = self._open.get(path)
+        if fd is not None:
+            self._open.move_to_end(path)
+            return fd
+        missing = [path]
+        ancestor = path.rpartition("/")[0]
+        while ancestor and ancestor not in self._open:
+            missing.append(ancestor)
+            ancestor = ancestor.rpartition("/")[0]
+        parent: int | None = self._open[ancestor] if ancestor else self._root
+        for step in reversed(missing):
+            assert parent is not None
+            parent = self._open_child(parent, step, refuse, create)
+            if parent is None:
+                return None
+        return parent
+
+    def _open_child(self, parent: int, path: str, refuse: _Refuse, create: bool) -> int | None:
+        name = path.rpartition("/")[2]
+        try:
+            fd = os.open(name, _DIRECTORY, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(name, 0o755, dir_fd=parent)
+            fd = os.open(name, _DIRECTORY, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            if stat.S_ISLNK(_lstat(parent, name)):
+                refuse(f"passes through a symlink ({path!r})")
+            refuse(f"passes through {path!r}, which is not a directory")
+        self._open[path] = fd
+        while len(self._open) > OPEN_DIRECTORIES:
+            os.close(self._open.popitem(last=False)[1])
+        return fd
+
+
+def _replacing(directory: int, leaf: str, refuse: _Refuse, make: Callable[[], _T]) -> _T:
+    """``make()`` the entry ``leaf``; if the name is taken, by anything but a directory,
+    unlink that first (tar's "the later member wins"; unlinking follows nothing)."""
+    try:
+        return make()
+    except FileExistsError:
+        if stat.S_ISDIR(_lstat(directory, leaf)):
+            refuse("replaces a directory an earlier member made")
+        os.unlink(leaf, dir_fd=directory)
+        return make()
+
+
+def _lstat(directory: int, name: str) -> int:
+    return os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode
+
+
+def _describe(directory: int | None, name: str) -> str:
+    """Why ``name`` is no hard link source."""
+    try:
+        mode = _lstat(directory, name) if directory is not None else 0
+    except FileNotFoundError:
+        mode = 0
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a file extracted before it"
+
+
+def _escapes(path: str) -> bool:
+    """Whether the relative ``path`` leaves its root, taking ``..`` lexically."""
+    normal = posixpath.normpath(path)
+    return normal == ".." or normal.startswith("../")
+
+
+def _file_mode(mode: int) -> int:
+    """A regular file's mode as tarfile's ``data`` filter makes it (tests hold the two
+    together): no high bits, no group/other write, executable only if the owner's is,
+    always readable and writable by the owner."""
+    mode &= 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
+
+
+def _set_mtime(
+    file: int | str, mtime: float, refuse: _Refuse, directory: int | None = None
+) -> None:
+    try:
+        os.utime(file, (mtime, mtime), dir_fd=directory, follow_symlinks=directory is None)
+    except (OverflowError, ValueError):
+        refuse(f"modification time {mtime} out of range")
+
+
+def _copy(source: Any, offset: int, size: int, fd: int) -> None:
+    """``size`` bytes of member data from the tar stream ``source`` into ``fd``."""
+    source.seek(offset)  # where the data starts: a no-op unless tarfile skipped something
+    while size > 0:
+        data = source.read(min(size, COPY_BUFFER))
+        if not data:
+            raise tarfile.ReadError("unexpected end of data")
+        size -= len(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _refuser(name: str, prefix: str = "") -> _Refuse:
+    def refuse(reason: str) -> NoReturn:
+        raise ArchiveError(f"artifact refused: {name!r}: {prefix}{reason}")
 
     return refuse
-
-
-def _describe_filter_error(exc: tarfile.FilterError) -> str:
-    name = exc.tarinfo.name
-    if isinstance(exc, tarfile.AbsoluteLinkError):
-        reason = f"link to the absolute path {exc.tarinfo.linkname!r}"
-    elif isinstance(exc, tarfile.LinkOutsideDestinationError):
-        reason = f"link to {exc.tarinfo.linkname!r}, outside the install"
-    elif isinstance(exc, tarfile.OutsideDestinationError):
-        reason = "resolves outside the install"
-    elif isinstance(exc, tarfile.SpecialFileError):
-        reason = "special file"
-    else:
-        reason = str(exc)
-    return f"artifact refused: {name!r}: {reason}"
 
 
 # -- decompression ------------------------------------------------------------------------

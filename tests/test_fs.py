@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from race_support import NOBODY, Racer, fingerprint, make_secret, open_root
 
 from agents.pack import PackError, build
 from agents.system import fs, runit
@@ -45,6 +46,41 @@ def test_read_small_reads_at_most_the_limit_from_the_end(tmp_path: Path) -> None
     path.write_bytes(b"a" * 100 + b"tail")
     assert fs.read_small(path, limit=4, tail=True) == b"tail"
     assert fs.read_small(path, limit=4) == b"aaaa"
+
+
+def test_read_small_with_an_owner_refuses_files_someone_else_could_have_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "marker"
+    path.write_bytes(b"{}")
+    path.chmod(0o644)
+    assert fs.read_small(path, owner=os.geteuid()) == b"{}"
+    path.chmod(0o664)  # group-writable: anyone in the group could have written it
+    with pytest.raises(OSError, match="not written by"):
+        fs.read_small(path, owner=os.geteuid())
+    path.chmod(0o644)
+    with pytest.raises(OSError, match="not written by"):
+        fs.read_small(path, owner=os.geteuid() + 1)
+
+
+def test_writes_in_a_directory_the_app_owns_never_follow_its_links(tmp_path: Path) -> None:
+    """The app swaps every temp name (and the file itself) for a link to a root-only
+    file while root writes, mode and group included, again and again."""
+    with open_root() as root:
+        _race_writes(root / "install", make_secret(tmp_path))
+
+
+def _race_writes(app_dir: Path, secret: Path) -> None:
+    app_dir.mkdir()
+    os.chown(app_dir, NOBODY.pw_uid, NOBODY.pw_gid)
+    before = fingerprint(secret)
+    payload = os.urandom(1 << 20)  # slow enough (write, fsync) for the racer to get in
+    with Racer(app_dir, secret, "marker") as racer:
+        for i in range(40):
+            fs.write_atomic(app_dir / "marker", payload + bytes([i]), 0o644, gid=NOBODY.pw_gid)
+    assert racer.swaps > 0, "the racer never got to swap a name: the test proved nothing"
+    assert fingerprint(secret) == before
+    assert {p.name for p in app_dir.iterdir() if not p.is_symlink()} <= {"marker"}
 
 
 def test_a_removed_service_dir_never_stays_half_deleted_under_its_name(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -40,6 +42,24 @@ def get(url: str, options: FetchOptions = FAST, **kwargs: object) -> tuple[bytes
     fetched = fetch(url, sink, options, **kwargs)  # type: ignore[arg-type]
     assert fetched.size == len(sink.getvalue())
     return sink.getvalue(), fetched.sha256, fetched.attempts
+
+
+def bounded(call: Callable[[], object], timeout_s: float) -> object:
+    """What ``call`` returned or raised, from a thread that must finish in time: a
+    liveness bound, not a measure of speed."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"still running after {timeout_s} s"
+    return result[0]
 
 
 # -- http ---------------------------------------------------------------------------------
@@ -141,10 +161,78 @@ def test_urls_are_shown_without_credentials_or_query() -> None:
 
 def test_file_urls(tmp_path: Path) -> None:
     (tmp_path / "a b.tar.gz").write_bytes(DATA)
-    data, sha, _ = get(f"file://{tmp_path}/a%20b.tar.gz")
+    data, sha, _ = get(f"file://{tmp_path}/a%20b.tar.gz", local(tmp_path))
     assert data == DATA and sha == SHA
     with pytest.raises(FetchError, match="no such file"):
-        get(f"file://{tmp_path}/missing.tar.gz")
+        get(f"file://{tmp_path}/missing.tar.gz", local(tmp_path))
+
+
+def local(root: Path | None) -> FetchOptions:
+    return replace(FAST, local_root=None if root is None else str(root))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repo holding one artifact and every kind of trap, beside a secret of root's."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(DATA)
+    secret.chmod(0o600)
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    (repo / "app" / "app_1.tar.gz").write_bytes(DATA)
+    (repo / "link").symlink_to(secret)
+    (repo / "relative-link").symlink_to("../secret")
+    (repo / "outside").symlink_to(tmp_path)
+    (repo / "zero").symlink_to("/dev/zero")
+    (repo / "inside").symlink_to("app")
+    os.mkfifo(repo / "fifo")
+    return repo
+
+
+def hostile_urls(repo: Path) -> list[str]:
+    secret = repo.parent / "secret"
+    return [
+        f"FILE://{secret}",
+        f"file:{secret}",
+        f"file://{repo}/%2e%2e/secret",
+        f"file://{repo}/app/%2E%2E/..%2Fsecret",
+        f"file://{repo}/link",
+        f"file://{repo}/relative-link",
+        f"file://{repo}/outside/secret",
+        f"file://{repo}/inside/app_1.tar.gz",
+        f"file://{repo}/zero",
+        f"file://{repo}/fifo",
+        f"file://{repo}/app",
+        f"file://{repo}/app/app_1.tar.gz/x",
+        f"file://other-host{secret}",
+        f"file://{repo}/app/app_1.tar.gz%00",
+    ]
+
+
+@pytest.mark.parametrize("with_repo", [True, False])
+def test_file_urls_that_leave_the_repo_or_are_no_plain_file_are_refused(
+    repo: Path, with_repo: bool
+) -> None:
+    options = replace(local(repo if with_repo else None), attempts=1)
+    for url in hostile_urls(repo):
+        # A FIFO without a writer would block an open for ever: run each bounded.
+        outcome = bounded(lambda url=url: get(url, options), timeout_s=10)  # type: ignore[misc]
+        assert isinstance(outcome, FetchError), (url, outcome)
+        assert SHA not in str(outcome)
+        assert not outcome.transient, url
+
+
+def test_file_urls_beneath_the_repo_are_read_however_spelled(repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "repo-link").symlink_to(repo)  # the repo's own path may be a link
+    for root, url in [
+        (repo, f"FILE://{repo}/app/app_1.tar.gz"),
+        (repo, f"file:{repo}/app/app_1.tar.gz"),
+        (repo, f"file://localhost{repo}/app/%61pp_1.tar.gz"),
+        (repo, f"file://{repo}/app/../app/app_1.tar.gz"),
+        (tmp_path / "repo-link", f"file://{tmp_path}/repo-link/app/app_1.tar.gz"),
+    ]:
+        data, sha, _ = get(url, local(root))
+        assert data == DATA and sha == SHA, url
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +22,7 @@ from agents.preparer.plan import (
     local_url_refusal,
 )
 from agents.preparer.plan import plan as plan_for
+from agents.system import file_url
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 
@@ -226,6 +230,59 @@ def test_local_files_are_fetched_only_from_under_the_repo() -> None:
         assert refusal is not None and "only under /repo" in refusal
     refusal = local_url_refusal("file:///srv/app.tar.gz", None)
     assert refusal is not None and "file:// --repo" in refusal
+
+
+BYPASSES = [
+    "FILE:///etc/shadow",
+    "File:///etc/shadow",
+    "file:/etc/shadow",
+    "file:///repo/%2e%2e/etc/shadow",
+    "file:///repo/%2E%2E/%2E%2E/etc/shadow",
+    "file:///repo/app/..%2f..%2fetc/shadow",
+    "file://evil.example/repo/app_1.tar.gz",
+    "file://localhost@evil/repo/app_1.tar.gz",
+    "file:repo/app_1.tar.gz",
+    "file:///repo/app_1.tar.gz%00.txt",
+    "file:///repo",
+    "file://[bad/repo/x",
+]
+
+
+@pytest.mark.parametrize("url", BYPASSES)
+@pytest.mark.parametrize("local_root", ["/repo", None])
+def test_file_urls_that_only_look_local_to_the_repo_are_refused(
+    url: str, local_root: str | None
+) -> None:
+    assert local_url_refusal(url, local_root) is not None
+    (action,) = plan_for([Wanted("1.0", A, url, active=True)], observed(), local_root=local_root)
+    assert isinstance(action, Refuse)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "FILE:///repo/app/app_1.tar.gz",
+        "file:/repo/app/app_1.tar.gz",
+        "file://localhost/repo/app/app_1.tar.gz",
+        "file:///repo/app/%61pp_1.tar.gz",
+        "file:///repo/other/../app/app_1.tar.gz",
+    ],
+)
+def test_the_scheme_case_and_spelling_do_not_matter_under_the_repo(url: str) -> None:
+    assert local_url_refusal(url, "/repo") is None
+    assert local_url_refusal(url, None) is not None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(["a", "repo", ".", "..", "%2e%2e", "%2E.", "%2f", "", "%00"])))
+def test_an_accepted_file_url_names_a_path_beneath_the_repo(segments: list[str]) -> None:
+    url = "file:///repo/" + "/".join(segments)
+    if local_url_refusal(url, "/repo") is not None:
+        return
+    names = file_url.beneath(url, "/repo")
+    assert names and all(n not in ("", ".", "..") and "/" not in n for n in names)
+    assert "\0" not in "".join(names)
+    assert posixpath.normpath(unquote(urlsplit(url).path)) == "/repo/" + "/".join(names)
 
 
 def test_a_file_url_outside_the_repo_is_refused_not_fetched() -> None:

@@ -13,14 +13,13 @@ inside the basedirs of assigned apps; an unassigned app's report is cleared.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-import posixpath
 import pwd
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -29,6 +28,7 @@ from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
 from agents.runtime import Agent, Outcome
+from agents.system import file_url
 from agents.system.layout import AppLayout
 from intent.model import Reality
 from intent.store import AppIntent, IntentStore, StoreError
@@ -49,7 +49,11 @@ class Preparer(Agent):
         node: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.settings = settings
+        self.local_root = file_url.repo_root(repo)
+        """Where ``file://`` artifacts may be read: beneath a local --repo, nowhere else."""
+        self.settings = dataclasses.replace(
+            settings, fetch=dataclasses.replace(settings.fetch, local_root=self.local_root)
+        )
         self.repo = repo
         self.keep_old = keep_old
         self.store = store
@@ -138,7 +142,7 @@ class Preparer(Agent):
         owner: tuple[int, int] | None,
     ) -> Outcome:
         bound = log.bind(app=app)
-        actions = plan(wanted, observe(layout), self.keep_old, self._local_root())
+        actions = plan(wanted, observe(layout), self.keep_old, self.local_root)
         states = {w.version: "installed" for w in wanted}
         problems: list[str] = []
         pending = [a.version for a in actions if isinstance(a, Install)]
@@ -190,16 +194,6 @@ class Preparer(Agent):
         if problems:
             return Outcome.failed("; ".join(problems), active, **details)
         return Outcome.converged(active, **details)
-
-    def _local_root(self) -> str | None:
-        """The directory of a ``file://`` (or plain path) --repo: local artifacts come
-        only from there."""
-        if self.repo is None:
-            return None
-        url = artifact_url(self.repo, "_", "_")
-        if not url.startswith("file://"):
-            return None
-        return posixpath.normpath(urlsplit(self.repo.removeprefix("file://")).path)
 
     def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
         """Say 'fetching' while a long download runs (the runtime reports only after)."""

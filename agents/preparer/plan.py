@@ -6,10 +6,10 @@ collect and what to keep for rollback) is tested with plain data.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from agents.system import file_url
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,16 @@ def local_url_refusal(url: str, local_root: str | None) -> str | None:
     URLs come from ``config``, which app owners write, and the preparer reads as root:
     a ``file://`` URL anywhere on the host would let an app owner read any file (its
     sha256 is reported, and once matched it is extracted and handed to ``run_as``). So
-    local files are fetched only from under the preparer's own ``--repo`` directory.
+    local files are fetched only from under the preparer's own ``--repo`` directory,
+    by the same reading of the URL the fetcher opens it with (``file_url``).
     """
-    if not url.startswith("file://"):
+    if not file_url.is_file_url(url):
         return None
-    path = posixpath.normpath(urlsplit(url).path)
-    if local_root is not None and path.startswith(local_root.rstrip("/") + "/"):
-        return None
-    where = f"under {local_root}" if local_root else "when pp-preparer has a file:// --repo"
-    return f"file:// URLs are fetched only {where}; publish {path} there or use http(s)/s3"
+    try:
+        file_url.beneath(url, local_root)
+    except file_url.Refused as exc:
+        return str(exc)
+    return None
 
 
 def plan(

@@ -9,7 +9,8 @@ second read. Transient failures (timeouts, dropped connections, 5xx) are retried
 with exponential backoff; a retry resumes where the last attempt stopped when the
 source allows it (HTTP ``Range`` with ``If-Range``, S3 ``Range`` with ``IfMatch``),
 and starts again otherwise. Permanent failures (404, access denied, no space) fail
-at once with one line that says what to fix.
+at once with one line that says what to fix. ``file://`` URLs are read only
+beneath ``local_root`` (see ``file_url``).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 import tenacity
+
+from agents.system import file_url
 
 CHUNK = 1 << 20
 USER_AGENT = "platypus-preparer"
@@ -59,6 +62,8 @@ class FetchOptions:
     backoff_max_s: float = 30.0
     min_free_bytes: int = 0
     """Free space to leave on the target file system once the artifact is down."""
+    local_root: str | None = None
+    """The directory ``file://`` URLs must lie beneath; None refuses them all."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,11 @@ def check_url(url: str) -> None:
             f"{display_url(url)}: unsupported URL scheme {parts.scheme!r} "
             f"(use {', '.join(s + '://' for s in SCHEMES)})"
         )
-    if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
-        raise FetchError(f"{url}: use file:///absolute/path (three slashes)")
+    if parts.scheme == "file":
+        try:
+            file_url.local_path(url)
+        except file_url.Refused as exc:
+            raise FetchError(f"{url}: {exc}") from None
     if parts.scheme == "s3" and (not parts.netloc or not parts.path.strip("/")):
         raise FetchError(f"{display_url(url)}: use s3://bucket/key")
 
@@ -273,7 +281,7 @@ def _transient(exc: BaseException) -> FetchError:
 def _source_for(url: str, options: FetchOptions) -> _Source:
     scheme = urlsplit(url).scheme
     if scheme == "file":
-        return _FileSource(url)
+        return _FileSource(url, options.local_root)
     if scheme in ("http", "https"):
         return _HttpSource(url, options.timeout_s)
     return _S3Source(url, options.timeout_s)
@@ -285,17 +293,20 @@ def _source_for(url: str, options: FetchOptions) -> _Source:
 @dataclass
 class _FileSource:
     url: str
+    local_root: str | None
 
     def open(self, offset: int, validator: str | None) -> _Opened:
-        path = Path(unquote(urlsplit(self.url).path))
         try:
-            f = path.open("rb")
+            fd = file_url.open_url(self.url, self.local_root)
+        except file_url.Refused as exc:
+            raise FetchError(str(exc)) from None
         except FileNotFoundError:
             raise FetchError("no such file") from None
         except OSError as exc:
             raise FetchError(exc.strerror or str(exc)) from None
+        f = os.fdopen(fd, "rb")
         f.seek(offset)
-        return _Opened(f, offset, os.fstat(f.fileno()).st_size, None, f.close)
+        return _Opened(f, offset, os.fstat(fd).st_size, None, f.close)
 
 
 # -- http(s):// ---------------------------------------------------------------------------

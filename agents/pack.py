@@ -16,6 +16,7 @@ the preparer derives the same URL from its ``--repo``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import os
@@ -23,7 +24,7 @@ import posixpath
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -152,24 +153,30 @@ class Published:
     """The repository already held these exact bytes."""
 
 
+Signer = Callable[[str, str, str], bytes]
+"""(app, version, sha256) -> the bytes of the ``.sig`` file."""
+
+
 def pack(
     directory: Path,
     app: str,
     version: str,
     repo: str,
-    signature: Any = None,
+    signer: Signer | None = None,
     force: bool = False,
 ) -> Published:
     """Build ``directory`` and publish it as ``app`` ``version`` in ``repo``.
 
-    ``signature``, when given, is a callable turning the sha256 into the bytes of
-    the ``.sig`` file. A version already in the repo with different bytes is
-    refused unless ``force``: nodes may already have installed the old bytes.
+    ``signer``, when given, signs what is published (this app, this version, the
+    built sha256) into a ``.sig`` beside it. A version already in the repo with
+    different bytes is refused unless ``force``: nodes may already have installed
+    the old bytes.
     """
     if not directory.is_dir():
         raise PackError(f"{directory}: not a directory")
     url = artifact_url(repo, app, version)
     scheme = urlsplit(url).scheme
+    signature = None if signer is None else functools.partial(signer, app, version)
     if scheme == "file":
         return _publish_file(directory, url, signature, force)
     if scheme == "s3":
@@ -185,7 +192,9 @@ def _build_to(directory: Path, target: Path) -> tuple[str, int]:
         return sha256, out.tell()
 
 
-def _publish_file(directory: Path, url: str, signature: Any, force: bool) -> Published:
+def _publish_file(
+    directory: Path, url: str, signature: Callable[[str], bytes] | None, force: bool
+) -> Published:
     dest = Path(unquote(urlsplit(url).path))
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +234,9 @@ def _sha256_of(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _publish_s3(directory: Path, url: str, signature: Any, force: bool) -> Published:
+def _publish_s3(
+    directory: Path, url: str, signature: Callable[[str], bytes] | None, force: bool
+) -> Published:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from agents.system.fetch import s3_client, split_s3_url

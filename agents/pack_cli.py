@@ -56,8 +56,8 @@ def pack(directory: Path, app: str, version: str, repo: str, key: Path | None, f
         except SignatureError as exc:
             raise click.ClickException(str(exc)) from None
 
-        def signer(sha256: str) -> bytes:
-            return sign(private, sha256)
+        def signer(app: str, version: str, sha256: str) -> bytes:
+            return sign(private, app, version, sha256)
 
     try:
         published = build_and_publish(directory, app, version, repo, signer, force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import time
@@ -19,7 +20,7 @@ from agents.pack import PackError, artifact_url, build, pack
 from agents.pack_cli import pack as pack_command
 from agents.system.archive import Limits, extract
 from agents.system.fetch import FetchOptions, fetch
-from agents.system.signing import SignatureError, load_public_key, verify
+from agents.system.signing import SignatureError, load_public_key, sign, verify
 
 
 @pytest.fixture
@@ -161,12 +162,39 @@ def test_the_cli_prints_only_the_sha256_and_writes_a_verifiable_signature(
     artifact = repo / "hello" / "hello_1.0.tar.gz"
     assert sha == sha256_of(artifact)
     signature = (repo / "hello" / "hello_1.0.tar.gz.sig").read_bytes()
-    assert verify(signature, sha, {"release": load_public_key(pub_file)}) == "release"
+    release = {"release": load_public_key(pub_file)}
+    assert verify(signature, "hello", "1.0", sha, release) == "release"
     with pytest.raises(SignatureError):
-        verify(signature, "f" * 64, {"release": load_public_key(pub_file)})
+        verify(signature, "hello", "1.0", "f" * 64, release)
     other = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(SignatureError, match="does not verify"):
-        verify(signature, sha, {"other": other})
+        verify(signature, "hello", "1.0", sha, {"other": other})
+
+
+def test_a_signature_binds_the_app_and_the_version() -> None:
+    key = Ed25519PrivateKey.generate()
+    keys = {"release": key.public_key()}
+    sha = "a" * 64
+    signature = sign(key, "app-a", "1", sha)
+    assert verify(signature, "app-a", "1", sha, keys) == "release"
+    for app, version in (("app-b", "1"), ("app-a", "2"), ("app-a1", ""), ("app-a", "1\napp x")):
+        with pytest.raises(SignatureError, match=f"for app {app} version"):
+            verify(signature, app, version, sha, keys)
+
+
+def test_an_old_format_signature_is_refused_with_a_way_out() -> None:
+    key = Ed25519PrivateKey.generate()
+    sha = "b" * 64
+    old = base64.b64encode(key.sign(f"platypus-artifact sha256:{sha}\n".encode()))
+    with pytest.raises(SignatureError) as refused:
+        verify(old, "hello", "1.0", sha, {"release": key.public_key()})
+    message = str(refused.value)
+    assert "old format" in message and "pp pack" in message and "--sign" in message
+    assert "\n" not in message
+    # from a key that is not trusted, it is simply not a valid signature
+    stranger = {"other": Ed25519PrivateKey.generate().public_key()}
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify(old, "hello", "1.0", sha, stranger)
 
 
 @pytest.mark.parametrize(
@@ -206,9 +234,8 @@ def test_pack_publishes_to_s3_and_the_preparer_fetches_it(
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     boto3.client("s3").create_bucket(Bucket="releases")
     signer = Ed25519PrivateKey.generate()
-    from agents.system.signing import sign
 
-    published = pack(tree, "hello", "1.0", "s3://releases/apps", lambda sha: sign(signer, sha))
+    published = pack(tree, "hello", "1.0", "s3://releases/apps", lambda *what: sign(signer, *what))
     assert published.url == "s3://releases/apps/hello/hello_1.0.tar.gz"
     sink = io.BytesIO()
     assert fetch(published.url, sink, FetchOptions(attempts=1)).sha256 == published.sha256
@@ -218,4 +245,5 @@ def test_pack_publishes_to_s3_and_the_preparer_fetches_it(
     with pytest.raises(PackError, match="already exists with different contents"):
         pack(tree, "hello", "1.0", "s3://releases/apps")
     sig = boto3.client("s3").get_object(Bucket="releases", Key="apps/hello/hello_1.0.tar.gz.sig")
-    assert verify(sig["Body"].read(), published.sha256, {"k": signer.public_key()}) == "k"
+    body = sig["Body"].read()
+    assert verify(body, "hello", "1.0", published.sha256, {"k": signer.public_key()}) == "k"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -407,8 +408,12 @@ def test_trusted_keys_require_a_valid_detached_signature(world: World, tmp_path:
         )
     )
     signed, forged, unsigned = (world.publish(app, "1") for app in ("signed", "forged", "unsigned"))
-    (world.repo / "signed" / "signed_1.tar.gz.sig").write_bytes(sign(trusted, signed))
-    (world.repo / "forged" / "forged_1.tar.gz.sig").write_bytes(sign(stranger, forged))
+    (world.repo / "signed" / "signed_1.tar.gz.sig").write_bytes(
+        sign(trusted, "signed", "1", signed)
+    )
+    (world.repo / "forged" / "forged_1.tar.gz.sig").write_bytes(
+        sign(stranger, "forged", "1", forged)
+    )
     for app, sha in (("signed", signed), ("forged", forged), ("unsigned", unsigned)):
         world.assign(app, {"1": active(sha)})
 
@@ -420,6 +425,48 @@ def test_trusted_keys_require_a_valid_detached_signature(world: World, tmp_path:
     assert world.layout("forged").installed_versions() == []
     assert world.layout("unsigned").installed_versions() == []
     assert world.server.count("/unsigned/unsigned_1.tar.gz") == 0  # no signature, no download
+
+
+def test_a_signature_is_good_only_for_the_app_and_version_it_names(
+    world: World, tmp_path: Path
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    keydir = _trust(tmp_path, key)
+    files = {"bin/launch": b"#!/bin/sh\nexec sleep 1000\n"}
+    sha = world.publish("a", "1", files)
+    signature = sign(key, "a", "1", sha)
+    (world.repo / "a" / "a_1.tar.gz.sig").write_bytes(signature)
+    # The same signed bytes, published as another app and as another version.
+    artifact = (world.repo / "a" / "a_1.tar.gz").read_bytes()
+    old = base64.b64encode(key.sign(f"platypus-artifact sha256:{sha}\n".encode()))
+    for app, version, sig in (("b", "1", signature), ("a", "2", signature), ("legacy", "1", old)):
+        (world.repo / app).mkdir(exist_ok=True)
+        (world.repo / app / f"{app}_{version}.tar.gz").write_bytes(artifact)
+        (world.repo / app / f"{app}_{version}.tar.gz.sig").write_bytes(sig)
+    world.assign("a", {"1": prep(sha), "2": prep(sha)})
+    world.assign("b", {"1": active(sha)})
+    world.assign("legacy", {"1": active(sha)})
+
+    world.run("--trusted-keys", str(keydir), check=1)
+
+    assert world.layout("a").installed_versions() == ["1"]
+    assert "for app a version 2" in world.report("a").details["versions"]["2"]
+    assert "for app b version 1" in world.report("b").details["versions"]["1"]
+    assert world.layout("b").installed_versions() == []
+    refused = world.report("legacy").details["versions"]["1"]
+    assert "old format" in refused and "pp pack" in refused and "\n" not in refused
+    assert world.layout("legacy").installed_versions() == []
+
+
+def _trust(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    (keydir / "release.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return keydir
 
 
 def test_an_unusable_trust_store_stops_the_agent_with_one_line(

@@ -105,7 +105,9 @@ def install(
             )
         signed_by = None
         if signature is not None and settings.trusted_keys:
-            signed_by = verify(signature, fetched.sha256, settings.trusted_keys)
+            signed_by = verify(
+                signature, layout.app, action.version, fetched.sha256, settings.trusted_keys
+            )
         workdir.mkdir(mode=0o700)
         extracted = archive.extract(download, workdir, settings.limits, reserved={MARKER_NAME})
         download.unlink()

@@ -1,9 +1,20 @@
-"""Detached Ed25519 signatures over an artifact's sha256.
+"""Detached Ed25519 signatures over what an artifact is: its app, version and sha256.
 
-The signature covers the text ``platypus-artifact sha256:<hex>\\n`` rather than
-the artifact's bytes: Ed25519 needs its whole message in memory, and the sha256
-is computed while streaming anyway, so this keeps memory flat whatever the
-artifact's size while binding the signature to exactly those bytes.
+The signature covers the text::
+
+    platypus-artifact v2
+    app <app>
+    version <version>
+    sha256 <hex>
+
+rather than the artifact's bytes: Ed25519 needs its whole message in memory, and
+the sha256 is computed while streaming anyway, so this keeps memory flat whatever
+the artifact's size while binding the signature to exactly those bytes. Naming
+the app and version binds it to one release too: a signed artifact cannot be
+deployed as another app or another version.
+
+The first format covered only ``platypus-artifact sha256:<hex>``; such signatures
+are refused with a message saying to sign again with ``pp pack --sign``.
 
 A signature file (``<artifact>.sig``) holds the 64 signature bytes, raw or in
 base64. Keys are PEM (``openssl genpkey -algorithm ed25519``) or OpenSSH
@@ -28,7 +39,11 @@ class SignatureError(Exception):
     """A key or signature that cannot be used; the message says which and why."""
 
 
-def signed_message(sha256: str) -> bytes:
+def signed_message(app: str, version: str, sha256: str) -> bytes:
+    return f"platypus-artifact v2\napp {app}\nversion {version}\nsha256 {sha256}\n".encode()
+
+
+def _first_format_message(sha256: str) -> bytes:
     return f"platypus-artifact sha256:{sha256}\n".encode()
 
 
@@ -77,22 +92,43 @@ def load_trusted_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
-def sign(key: Ed25519PrivateKey, sha256: str) -> bytes:
+def sign(key: Ed25519PrivateKey, app: str, version: str, sha256: str) -> bytes:
     """The contents of a ``.sig`` file: the signature in base64 and a newline."""
-    return base64.b64encode(key.sign(signed_message(sha256))) + b"\n"
+    return base64.b64encode(key.sign(signed_message(app, version, sha256))) + b"\n"
 
 
-def verify(signature: bytes, sha256: str, keys: Mapping[str, Ed25519PublicKey]) -> str:
-    """The name of the trusted key that made ``signature``; SignatureError if none did."""
+def verify(
+    signature: bytes,
+    app: str,
+    version: str,
+    sha256: str,
+    keys: Mapping[str, Ed25519PublicKey],
+) -> str:
+    """The name of the trusted key that signed ``app`` ``version`` with these bytes;
+    SignatureError if none did."""
     raw = _decode(signature)
-    message = signed_message(sha256)
+    name = _signer(raw, signed_message(app, version, sha256), keys)
+    if name is not None:
+        return name
+    if _signer(raw, _first_format_message(sha256), keys) is not None:
+        raise SignatureError(
+            "signature is in the old format (sha256 only, any app or version); sign it "
+            f"again: pp pack <dir> --app {app} --version {version} --repo <repo> --sign <key>"
+        )
+    raise SignatureError(
+        f"signature does not verify for app {app} version {version} against any of the "
+        f"{len(keys)} trusted key(s)"
+    )
+
+
+def _signer(raw: bytes, message: bytes, keys: Mapping[str, Ed25519PublicKey]) -> str | None:
     for name, key in keys.items():
         try:
             key.verify(raw, message)
         except InvalidSignature:
             continue
         return name
-    raise SignatureError(f"signature does not verify against any of the {len(keys)} trusted key(s)")
+    return None
 
 
 def _decode(signature: bytes) -> bytes:

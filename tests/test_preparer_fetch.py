@@ -13,7 +13,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from preparer_support import ArtifactServer, Behaviour, artifact_server, moto_server
+from preparer_support import ArtifactServer, Behaviour, artifact_server, moto_server, wait_for
+from stall_support import StallingServer, stalling_server
 
 from agents.system.fetch import (
     FetchError,
@@ -44,22 +45,30 @@ def get(url: str, options: FetchOptions = FAST, **kwargs: object) -> tuple[bytes
     return sink.getvalue(), fetched.sha256, fetched.attempts
 
 
-def bounded(call: Callable[[], object], timeout_s: float) -> object:
-    """What ``call`` returned or raised, from a thread that must finish in time: a
-    liveness bound, not a measure of speed."""
-    result: list[object] = []
+class Background:
+    """``call`` running on a thread, for calls that might never return."""
 
-    def run() -> None:
+    def __init__(self, call: Callable[[], object]) -> None:
+        self._result: list[object] = []
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], object]) -> None:
         try:
-            result.append(call())
+            self._result.append(call())
         except Exception as exc:
-            result.append(exc)
+            self._result.append(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    assert not thread.is_alive(), f"still running after {timeout_s} s"
-    return result[0]
+    def result(self, timeout_s: float) -> object:
+        """What ``call`` returned or raised; it must have ended within ``timeout_s``
+        (a liveness bound, not a measure of speed)."""
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"still running after {timeout_s} s"
+        return self._result[0]
+
+
+def bounded(call: Callable[[], object], timeout_s: float) -> object:
+    return Background(call).result(timeout_s)
 
 
 # -- http ---------------------------------------------------------------------------------
@@ -87,6 +96,76 @@ def test_a_server_that_always_stalls_fails_after_the_attempts(server: ArtifactSe
     assert server.count("/app.tar.gz") == FAST.attempts
     assert time.monotonic() - started < FAST.attempts * (FAST.timeout_s + 0.5)
     assert str(caught.value).startswith(f"{server.url}/app.tar.gz: ")
+
+
+# -- the deadline and the stop ---------------------------------------------------------
+
+
+@pytest.fixture
+def stalling() -> Iterator[StallingServer]:
+    with stalling_server(interval_s=2.0) as running:
+        yield running
+
+
+def test_a_server_that_drips_bytes_is_cut_off_at_the_deadline(stalling: StallingServer) -> None:
+    # Each byte comes well within the read timeout: only the deadline can end it.
+    options = FetchOptions(timeout_s=10, attempts=3, backoff_initial_s=0.05, deadline_s=3)
+    outcome = bounded(lambda: get(f"{stalling.url}/drip/app.tar.gz", options), timeout_s=30)
+    assert isinstance(outcome, FetchError), outcome
+    assert "not complete after 3 s (--fetch-deadline)" in str(outcome)
+    assert not outcome.transient and not outcome.stopped
+    assert stalling.paths == ["/drip/app.tar.gz"]  # cut off, not tried again
+
+
+def test_the_deadline_also_bounds_the_waits_between_attempts(server: ArtifactServer) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(status=503)
+    options = FetchOptions(
+        timeout_s=5, attempts=5, backoff_initial_s=600, backoff_max_s=600, deadline_s=2
+    )
+    outcome = bounded(lambda: get(f"{server.url}/app.tar.gz", options), timeout_s=30)
+    assert isinstance(outcome, FetchError) and "--fetch-deadline" in str(outcome)
+    assert server.count("/app.tar.gz") == 1
+
+
+@pytest.mark.parametrize("path", ["/silent/app.tar.gz", "/drip/app.tar.gz"])
+def test_setting_stop_ends_a_fetch_blocked_on_a_stalled_server(
+    stalling: StallingServer, path: str
+) -> None:
+    """Silent: blocked before any response; drip: blocked in the body. The read
+    timeout (60 s) is far off: only the stop can end it."""
+    stop = threading.Event()
+    options = FetchOptions(timeout_s=60, attempts=3, backoff_initial_s=0.05, stop=stop)
+    fetching = Background(lambda: get(f"{stalling.url}{path}", options))
+    wait_for(lambda: stalling.paths == [path], timeout_s=10)
+    stop.set()
+    outcome = fetching.result(timeout_s=10)
+    assert isinstance(outcome, FetchError), outcome
+    assert outcome.stopped and not outcome.transient
+    assert str(outcome) == f"{stalling.url}{path}: stopped before the download completed"
+    assert stalling.paths == [path]
+
+
+def test_setting_stop_cuts_the_wait_between_attempts_short(server: ArtifactServer) -> None:
+    server.behaviours["/app.tar.gz"] = Behaviour(status=503)
+    stop = threading.Event()
+    options = FetchOptions(
+        timeout_s=5, attempts=5, backoff_initial_s=600, backoff_max_s=600, stop=stop
+    )
+    fetching = Background(lambda: get(f"{server.url}/app.tar.gz", options))
+    wait_for(lambda: server.count("/app.tar.gz") == 1, timeout_s=10)
+    stop.set()
+    outcome = fetching.result(timeout_s=10)
+    assert isinstance(outcome, FetchError) and outcome.stopped
+    assert server.count("/app.tar.gz") == 1
+
+
+def test_a_fetch_asked_to_stop_before_it_starts_connects_nowhere(server: ArtifactServer) -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(FetchError, match="stopped") as caught:
+        get(f"{server.url}/app.tar.gz", replace(FAST, stop=stop))
+    assert caught.value.stopped
+    assert server.requests == []
 
 
 def test_404_fails_at_once_without_retrying(server: ArtifactServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,15 @@ class ByteSize(click.ParamType[int, Any]):
     show_default=True,
     help="Tries per download before the version is reported as failed.",
 )
+@click.option(
+    "--fetch-deadline",
+    type=click.FloatRange(min=1),
+    default=1800.0,
+    show_default=True,
+    help="Seconds a download may take in all, across its attempts and the waits between "
+    "them: a source too slow to finish by then (or one that stalls) is cut off and the "
+    "version reported as failed, to be tried again later.",
+)
 def main(**params: Any) -> None:
     """Fetch, verify and install every version the intent names for this node."""
     common = entrypoint.pop_common(params)
@@ -122,14 +132,19 @@ def main(**params: Any) -> None:
         fetch=FetchOptions(
             timeout_s=params["fetch_timeout"],
             attempts=params["fetch_attempts"],
+            deadline_s=params["fetch_deadline"],
             min_free_bytes=params["min_free_bytes"],
         ),
         limits=Limits(params["max_install_bytes"], params["max_install_files"]),
         trusted_keys=trusted,
     )
 
+    stop = threading.Event()  # set on SIGTERM (Preparer.start): downloads end at once
+
     def build(store: IntentStore) -> Preparer:
-        return Preparer(settings, repo, params["keep_old"], store, common.node)
+        return Preparer(
+            settings, repo, params["keep_old"], store, common.node, stop=stop, handle_signals=True
+        )
 
     entrypoint.run(common, build, max_parallel=params["max_parallel"])
 

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from agents import signals
 from agents.pack import artifact_url
 from agents.preparer import apply
 from agents.preparer.observe import observe
@@ -48,12 +51,18 @@ class Preparer(Agent):
         store: IntentStore | None = None,
         node: str | None = None,
         clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+        handle_signals: bool = False,
     ) -> None:
         self.local_root = file_url.repo_root(repo)
         """Where ``file://`` artifacts may be read: beneath a local --repo, nowhere else."""
         self.settings = dataclasses.replace(
-            settings, fetch=dataclasses.replace(settings.fetch, local_root=self.local_root)
+            settings,
+            fetch=dataclasses.replace(settings.fetch, local_root=self.local_root, stop=stop),
         )
+        self.stop = stop
+        """Set when the agent stops: downloads in flight end within a second or so."""
+        self.handle_signals = handle_signals
         self.repo = repo
         self.keep_old = keep_old
         self.store = store
@@ -63,6 +72,12 @@ class Preparer(Agent):
         self._last_success: dict[str, float] = {}
 
     # -- the runtime's hooks ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Let SIGTERM (and SIGINT) cut downloads short: runit stopping the preparer must
+        not wait for a stalled server, and a cut download leaves nothing behind."""
+        if self.handle_signals and self.stop is not None:
+            signals.chain_stop(self.stop, signal.SIGTERM, signal.SIGINT)
 
     def begin_pass(self, intents: Mapping[str, AppIntent]) -> None:
         """Two apps in one basedir would share ``current`` and garbage-collect each
@@ -145,6 +160,7 @@ class Preparer(Agent):
         actions = plan(wanted, observe(layout), self.keep_old, self.local_root)
         states = {w.version: "installed" for w in wanted}
         problems: list[str] = []
+        stopped: list[str] = []
         pending = [a.version for a in actions if isinstance(a, Install)]
         if pending:
             self._progress(app, active, {**states, **dict.fromkeys(pending, "fetching")})
@@ -171,6 +187,12 @@ class Preparer(Agent):
                 try:
                     done = apply.install(layout, action, self.settings, owner)
                 except apply.ApplyError as exc:
+                    if self.stop is not None and self.stop.is_set():
+                        # No verdict on the artifact: the next start fetches it again.
+                        states[action.version] = "stopped"
+                        stopped.append(action.version)
+                        bound.info("install.stopped", version=action.version)
+                        continue
                     states[action.version] = f"error: {exc}"
                     problems.append(f"{action.version}: {exc}")
                     bound.error("install.failed", version=action.version, error=str(exc))
@@ -185,7 +207,7 @@ class Preparer(Agent):
                     extracted=done.bytes_extracted,
                     signed_by=done.signed_by,
                 )
-        if not problems:
+        if not problems and not stopped:
             self._last_success[app] = self.clock()
         details: dict[str, Any] = {
             "versions": states,
@@ -193,6 +215,10 @@ class Preparer(Agent):
         }
         if problems:
             return Outcome.failed("; ".join(problems), active, **details)
+        if stopped:  # not a failure: no backoff
+            return Outcome.converging(
+                f"stopped before {', '.join(stopped)} was installed", active, **details
+            )
         return Outcome.converged(active, **details)
 
     def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:

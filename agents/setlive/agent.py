@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import pwd
-import signal
 import threading
 import time
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
 
-from agents import health
+from agents import health, signals
 from agents.runtime import Agent, Outcome
 from agents.setlive import observe as obs
 from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
@@ -71,7 +69,7 @@ class SetliveAgent(Agent):
         and let SIGTERM cut a health gate short: runit stopping setlive must not wait a
         whole deadline, and the pending note makes the next setlive finish the gate."""
         if self.handle_signals and self.stop is not None:
-            self._chain_sigterm(self.stop)
+            signals.chain_stop(self.stop)
         for directory in (self.paths.runit_dir, self.paths.stage):
             with contextlib.suppress(FileNotFoundError):
                 for entry in directory.iterdir():
@@ -80,17 +78,6 @@ class SetliveAgent(Agent):
                             runit.remove_service_dir(entry)
                         else:
                             entry.unlink()
-
-    @staticmethod
-    def _chain_sigterm(stop: threading.Event) -> None:
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_term(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGTERM, on_term)
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         apps = set(obs.staged_services(self.paths.stage).values()) | set(self.state.apps())

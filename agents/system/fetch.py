@@ -9,20 +9,28 @@ second read. Transient failures (timeouts, dropped connections, 5xx) are retried
 with exponential backoff; a retry resumes where the last attempt stopped when the
 source allows it (HTTP ``Range`` with ``If-Range``, S3 ``Range`` with ``IfMatch``),
 and starts again otherwise. Permanent failures (404, access denied, no space) fail
-at once with one line that says what to fix. ``file://`` URLs are read only
-beneath ``local_root`` (see ``file_url``).
+at once with one line that says what to fix.
+
+Every download has an overall deadline, across its attempts and the waits between
+them, and ends early when the caller's stop event is set: a server that sends one
+byte now and then (or nothing at all) cannot hold a worker for ever, nor keep the
+agent from stopping. ``file://`` URLs are read only beneath ``local_root`` (see
+``file_url``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import io
 import os
 import re
 import shutil
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -39,6 +47,9 @@ from agents.system import file_url
 CHUNK = 1 << 20
 USER_AGENT = "platypus-preparer"
 SCHEMES = ("file", "http", "https", "s3")
+POLL_S = 0.5
+"""How often a running fetch looks at its stop event: a stop is noticed within this
+long, even while a read waits for bytes that never come."""
 
 log = structlog.get_logger()
 
@@ -46,11 +57,20 @@ log = structlog.get_logger()
 class FetchError(Exception):
     """A fetch that failed; ``transient`` ones are worth retrying."""
 
-    def __init__(self, message: str, *, transient: bool = False, restart: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool = False,
+        restart: bool = False,
+        stopped: bool = False,
+    ) -> None:
         super().__init__(message)
         self.transient = transient or restart
         self.restart = restart
         """The source changed or cannot resume: the next attempt starts from byte 0."""
+        self.stopped = stopped
+        """Abandoned because the stop event was set: no verdict on the source."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +82,12 @@ class FetchOptions:
     backoff_max_s: float = 30.0
     min_free_bytes: int = 0
     """Free space to leave on the target file system once the artifact is down."""
+    deadline_s: float = 1800.0
+    """The longest a whole download may take, across its attempts and retry waits."""
     local_root: str | None = None
     """The directory ``file://`` URLs must lie beneath; None refuses them all."""
+    stop: threading.Event | None = None
+    """Set it to abandon the fetches that use these options (the agent is stopping)."""
 
 
 @dataclass(frozen=True)
@@ -114,30 +138,44 @@ def fetch(
     """Copy ``url`` into ``sink`` (a fresh, seekable file) and return its sha256.
 
     ``max_bytes`` bounds the download; ``space_dir`` is checked for free space
-    against the artifact's announced size before its body is read.
+    against the artifact's announced size before its body is read. Raises
+    FetchError, with ``stopped`` set when ``options.stop`` ended it.
     """
     check_url(url)
     progress = _Progress(sink, max_bytes, space_dir, options.min_free_bytes)
-    source = _source_for(url, options)
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(max(1, options.attempts)),
-        wait=tenacity.wait_exponential_jitter(
-            multiplier=options.backoff_initial_s,
-            jitter=options.backoff_initial_s,
-            max=options.backoff_max_s,
-        ),
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, FetchError) and e.transient),
-        before_sleep=lambda state: _log_retry(url, state),
-        reraise=True,
-    )
     attempts = 0
-    try:
-        for attempt in retrying:
-            with attempt:
-                attempts += 1
-                progress.transfer(source)
-    except FetchError as exc:
-        raise FetchError(f"{display_url(url)}: {exc}", transient=exc.transient) from None
+    with _Guard(options) as guard:
+        source = _source_for(url, options, guard)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(max(1, options.attempts)),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=options.backoff_initial_s,
+                jitter=options.backoff_initial_s,
+                max=options.backoff_max_s,
+            ),
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, FetchError) and e.transient and guard.ended() is None
+            ),
+            sleep=guard.sleep,
+            before_sleep=lambda state: _log_retry(url, state),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    guard.check()
+                    attempts += 1
+                    progress.transfer(source, guard.check)
+            guard.check()  # a read cut short by the guard can look like the body's end
+        except Exception as exc:
+            # Once the guard has ended the fetch, whatever the cut-short read raised
+            # (a closed connection, a TLS error) is only a symptom of that.
+            error = guard.ended() or exc
+            if not isinstance(error, FetchError):
+                raise
+            raise FetchError(
+                f"{display_url(url)}: {error}", transient=error.transient, stopped=error.stopped
+            ) from None
     return Fetched(progress.hasher.hexdigest(), progress.received, attempts)
 
 
@@ -157,6 +195,100 @@ def _log_retry(url: str, state: tenacity.RetryCallState) -> None:
         error=str(error),
         wait_s=round(state.upcoming_sleep, 2),
     )
+
+
+# -- the deadline and the stop -----------------------------------------------------------
+
+
+class _Guard:
+    """Ends one fetch when the stop event is set or the deadline passes, even while a
+    read waits for bytes that never come.
+
+    The waiting side cannot poll for that with a short socket timeout: the standard
+    library's HTTP client and urllib3 read through a socket file that, once it has
+    timed out, refuses every later read, and botocore owns its sockets. So a thread
+    watches instead and shuts the connection down, which wakes a blocked read at
+    once, for every source, and leaves the per-read timeout what it is: the limit
+    on silence.
+    """
+
+    def __init__(self, options: FetchOptions) -> None:
+        self.stop = options.stop or threading.Event()
+        self.deadline_s = options.deadline_s
+        self.deadline = time.monotonic() + options.deadline_s
+        self._lock = threading.Lock()
+        self._wakers: list[Callable[[], None]] = []
+        self._ended: FetchError | None = None
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="fetch-guard", daemon=True)
+
+    def __enter__(self) -> _Guard:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._watcher.join()
+
+    def on_end(self, waker: Callable[[], None]) -> None:
+        """Call ``waker`` (it shuts a connection down) when the fetch is ended early;
+        at once if it has been."""
+        with self._lock:
+            if self._ended is None:
+                self._wakers.append(waker)
+                return
+        _quietly(waker)
+
+    def ended(self) -> FetchError | None:
+        """Why the fetch must end now, or None while it may go on."""
+        if self._ended is None:
+            if self.stop.is_set():
+                self._end(FetchError("stopped before the download completed", stopped=True))
+            elif time.monotonic() >= self.deadline:
+                self._end(
+                    FetchError(
+                        f"not complete after {self.deadline_s:g} s (--fetch-deadline): "
+                        "the source sends too slowly, or not at all"
+                    )
+                )
+        return self._ended
+
+    def check(self) -> None:
+        error = self.ended()
+        if error is not None:
+            raise FetchError(str(error), stopped=error.stopped)
+
+    def sleep(self, seconds: float) -> None:
+        """tenacity's wait between attempts, cut short by the stop or the deadline."""
+        self.stop.wait(max(0.0, min(seconds, self.deadline - time.monotonic())))
+        self.check()
+
+    def _end(self, error: FetchError) -> None:
+        with self._lock:
+            if self._ended is not None:
+                return
+            self._ended = error
+            wakers, self._wakers = self._wakers, []
+        for waker in wakers:
+            _quietly(waker)
+
+    def _watch(self) -> None:
+        while not self._done.wait(max(0.0, min(POLL_S, self.deadline - time.monotonic()))):
+            if self.ended() is not None:
+                return
+
+
+def _quietly(waker: Callable[[], None]) -> None:
+    # A connection already closed has nothing left to wake.
+    with contextlib.suppress(Exception):
+        waker()
+
+
+def _shutdown(sock: socket.socket) -> Callable[[], None]:
+    """Wake whatever reads ``sock`` in another thread (it sees the end of the stream).
+    The plain socket's shutdown, also for TLS: the TLS one would tear down the TLS
+    state under the reading thread."""
+    return lambda: socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 # -- one download, across attempts ------------------------------------------------------
@@ -198,17 +330,18 @@ class _Progress:
         self.received = 0
         self.hasher = hashlib.sha256()
 
-    def transfer(self, source: _Source) -> None:
-        """One attempt, continuing from what earlier attempts received."""
+    def transfer(self, source: _Source, check: Callable[[], None]) -> None:
+        """One attempt, continuing from what earlier attempts received; ``check``
+        raises between chunks when the fetch must end."""
         try:
-            self._transfer(source)
+            self._transfer(source, check)
         except FetchError as exc:
             if exc.restart:
                 self.restart()
                 self.validator = None
             raise
 
-    def _transfer(self, source: _Source) -> None:
+    def _transfer(self, source: _Source, check: Callable[[], None]) -> None:
         opened = source.open(self.received, self.validator)
         try:
             if opened.start not in (self.received, 0):
@@ -221,7 +354,7 @@ class _Progress:
             self.validator = opened.validator
             if opened.total is not None:
                 self._check_size(opened.total)
-            self._copy(opened.body)
+            self._copy(opened.body, check)
             if opened.total is not None and self.received < opened.total:
                 raise FetchError(
                     f"connection closed after {self.received} of {opened.total} bytes",
@@ -247,8 +380,9 @@ class _Progress:
             )
         self.space_checked = True
 
-    def _copy(self, body: _Body) -> None:
+    def _copy(self, body: _Body, check: Callable[[], None]) -> None:
         while True:
+            check()
             try:
                 chunk = body.read(CHUNK)
             except FetchError:
@@ -278,13 +412,13 @@ def _transient(exc: BaseException) -> FetchError:
     return FetchError(f"{type(exc).__name__}: {reason}", transient=True)
 
 
-def _source_for(url: str, options: FetchOptions) -> _Source:
+def _source_for(url: str, options: FetchOptions, guard: _Guard) -> _Source:
     scheme = urlsplit(url).scheme
     if scheme == "file":
         return _FileSource(url, options.local_root)
     if scheme in ("http", "https"):
-        return _HttpSource(url, options.timeout_s)
-    return _S3Source(url, options.timeout_s)
+        return _HttpSource(url, options.timeout_s, guard)
+    return _S3Source(url, options.timeout_s, guard)
 
 
 # -- file:// ------------------------------------------------------------------------------
@@ -315,10 +449,46 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(\d+|\*)$")
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
+class _WatchedConnection(http.client.HTTPConnection):
+    """A connection whose socket the guard can shut down, from the moment it exists
+    (a server that never answers holds the client before any response)."""
+
+    def __init__(self, host: str, *, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self.guard = guard
+
+    def connect(self) -> None:
+        super().connect()
+        self.guard.on_end(_shutdown(self.sock))
+
+
+class _WatchedTLSConnection(_WatchedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _WatchedHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: _Guard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_WatchedConnection, guard=self.guard), req)
+
+
+class _WatchedTLSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: _Guard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_WatchedTLSConnection, guard=self.guard), req)
+
+
 @dataclass
 class _HttpSource:
     url: str
     timeout_s: float
+    guard: _Guard
 
     def open(self, offset: int, validator: str | None) -> _Opened:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -327,8 +497,11 @@ class _HttpSource:
             if validator:
                 headers["If-Range"] = validator
         request = urllib.request.Request(self.url, headers=headers)
+        opener = urllib.request.build_opener(
+            _WatchedHandler(self.guard), _WatchedTLSHandler(self.guard)
+        )
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            response = opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416:
@@ -419,6 +592,7 @@ _S3_PERMANENT = {
 class _S3Source:
     url: str
     timeout_s: float
+    guard: _Guard
 
     def open(self, offset: int, validator: str | None) -> _Opened:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -436,6 +610,12 @@ class _S3Source:
         except BotoCoreError as exc:
             raise _s3_boto_error(exc) from None
         body = response["Body"]
+        # botocore's body keeps urllib3's response, whose shutdown() is there to wake a
+        # read blocked in another thread. (Until the headers arrive, botocore's own
+        # read timeout is the bound.)
+        raw = getattr(body, "_raw_stream", None)
+        if raw is not None:
+            self.guard.on_end(raw.shutdown)
         start, total = 0, int(response.get("ContentLength", 0))
         match = _CONTENT_RANGE.match(response.get("ContentRange") or "")
         total_known: int | None = total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,6 +144,20 @@ def test_setting_stop_ends_a_fetch_blocked_on_a_stalled_server(
     assert outcome.stopped and not outcome.transient
     assert str(outcome) == f"{stalling.url}{path}: stopped before the download completed"
     assert stalling.paths == [path]
+
+
+def test_setting_stop_ends_a_tls_handshake_with_a_silent_server() -> None:
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        options = FetchOptions(timeout_s=60, attempts=3, backoff_initial_s=0.05, stop=stop)
+        fetching = Background(lambda: get(f"https://127.0.0.1:{port}/app.tar.gz", options))
+        listener.settimeout(10)
+        connection, _ = listener.accept()  # and never a byte back
+        with connection:
+            stop.set()
+            outcome = fetching.result(timeout_s=10)
+    assert isinstance(outcome, FetchError) and outcome.stopped, outcome
 
 
 def test_setting_stop_cuts_the_wait_between_attempts_short(server: ArtifactServer) -> None:

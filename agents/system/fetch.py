@@ -21,7 +21,6 @@ agent from stopping. ``file://`` URLs are read only beneath ``local_root`` (see
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import http.client
 import io
@@ -218,6 +217,7 @@ class _Guard:
         self.deadline = time.monotonic() + options.deadline_s
         self._lock = threading.Lock()
         self._wakers: list[Callable[[], None]] = []
+        self._sockets: list[socket.socket] = []
         self._ended: FetchError | None = None
         self._done = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="fetch-guard", daemon=True)
@@ -229,6 +229,18 @@ class _Guard:
     def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._watcher.join()
+        for sock in self._sockets:
+            sock.close()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock``'s connection down if the fetch is ended early. Through a
+        duplicate, kept until the fetch is over: TLS takes the socket over (and
+        empties it) before its handshake, which a silent server can hold up too. The
+        plain socket's shutdown, also for TLS: a TLS shutdown would tear the TLS
+        state down under the reading thread."""
+        duplicate = sock.dup()
+        self._sockets.append(duplicate)
+        self.on_end(lambda: duplicate.shutdown(socket.SHUT_RDWR))
 
     def on_end(self, waker: Callable[[], None]) -> None:
         """Call ``waker`` (it shuts a connection down) when the fetch is ended early;
@@ -282,13 +294,6 @@ def _quietly(waker: Callable[[], None]) -> None:
     # A connection already closed has nothing left to wake.
     with contextlib.suppress(Exception):
         waker()
-
-
-def _shutdown(sock: socket.socket) -> Callable[[], None]:
-    """Wake whatever reads ``sock`` in another thread (it sees the end of the stream).
-    The plain socket's shutdown, also for TLS: the TLS one would tear down the TLS
-    state under the reading thread."""
-    return lambda: socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 # -- one download, across attempts ------------------------------------------------------
@@ -450,38 +455,41 @@ _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
 class _WatchedConnection(http.client.HTTPConnection):
-    """A connection whose socket the guard can shut down, from the moment it exists
-    (a server that never answers holds the client before any response)."""
+    """A connection the guard watches from the moment its TCP connection exists: a
+    server that never answers holds the client before any response."""
 
-    def __init__(self, host: str, *, guard: _Guard, **kwargs: Any) -> None:
-        super().__init__(host, **kwargs)
-        self.guard = guard
+    guard: _Guard
 
     def connect(self) -> None:
         super().connect()
-        self.guard.on_end(_shutdown(self.sock))
+        self.guard.watch(self.sock)
 
 
-class _WatchedTLSConnection(_WatchedConnection, http.client.HTTPSConnection):
-    pass
+class _WatchedTLSConnection(http.client.HTTPSConnection, _WatchedConnection):
+    """HTTPSConnection's connect wraps the socket ``_WatchedConnection.connect`` made
+    and watched, so the TLS handshake is watched too."""
 
 
-class _WatchedHandler(urllib.request.HTTPHandler):
+class _WatchedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """Opens http and https connections as watched ones."""
+
     def __init__(self, guard: _Guard) -> None:
         super().__init__()
         self.guard = guard
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_WatchedConnection, guard=self.guard), req)
-
-
-class _WatchedTLSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, guard: _Guard) -> None:
-        super().__init__()
-        self.guard = guard
+        return self.do_open(self._watched(_WatchedConnection), req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_WatchedTLSConnection, guard=self.guard), req)
+        return self.do_open(self._watched(_WatchedTLSConnection), req)
+
+    def _watched(self, kind: type[_WatchedConnection]) -> Callable[..., _WatchedConnection]:
+        def connection(host: str, **kwargs: Any) -> _WatchedConnection:
+            made = kind(host, **kwargs)
+            made.guard = self.guard
+            return made
+
+        return connection
 
 
 @dataclass
@@ -497,9 +505,7 @@ class _HttpSource:
             if validator:
                 headers["If-Range"] = validator
         request = urllib.request.Request(self.url, headers=headers)
-        opener = urllib.request.build_opener(
-            _WatchedHandler(self.guard), _WatchedTLSHandler(self.guard)
-        )
+        opener = urllib.request.build_opener(_WatchedHandler(self.guard))
         try:
             response = opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:

@@ -63,8 +63,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 if TYPE_CHECKING or sys.version_info >= (3, 12):
     import tarfile
 else:
-    # Bookworm's Python is 3.11.2; the backport is a newer CPython's tarfile, so every
-    # 3.11 parses with the same code.
+    # The backport is a newer CPython's tarfile: every 3.11 parses with the same code,
+    # which (unlike 3.11's own) does not keep each member of a stream in memory.
     from backports import tarfile
 
 CHUNK = 1 << 20
@@ -74,7 +74,7 @@ HEADER_ALLOWANCE = 4096
 MAX_EXTENDED_HEADER = 64 << 10
 """The largest extended header (GNU long name or link, pax, Solaris) read into memory.
 A path or link target is at most PATH_MAX (4 KiB) and GNU tar's pax records for one
-file take a few hundred bytes: 64 KiB is generous, and nothing beside a memory limit."""
+file take a few hundred bytes: 64 KiB is generous, and negligible memory."""
 MAX_CHAINED_HEADERS = 8
 """Extended headers before one member (pax, global pax, long name, long link make 4):
 tarfile parses a chain recursively and holds every header until the member comes."""
@@ -167,24 +167,21 @@ class _BoundedTarInfo(tarfile.TarInfo):
     measure the peak memory, so a tarfile that stopped calling it would be noticed.
     """
 
-    def _proc_member(self, tarfile: Any) -> Any:
+    def _proc_member(self, stream: Any) -> Any:
         if self.size < 0:
             raise ArchiveError(f"artifact refused: {self.name!r}: negative size")
-        if self.type == _GNU_SPARSE:
+        if self.type == tarfile.GNUTYPE_SPARSE:
             _refuse_sparse(self.name)
         kind = _EXTENDED_HEADERS.get(self.type)
         if kind is not None:
-            tarfile.count_extended_header(kind, self.size)
-        return super()._proc_member(tarfile)  # type: ignore[misc]
+            stream.count_extended_header(kind, self.size)
+        return super()._proc_member(stream)  # type: ignore[misc]
 
     # A pax header may announce a sparse file, whose map tarfile then reads unbounded.
     def _proc_gnusparse_00(self, *args: Any) -> NoReturn:
         _refuse_sparse(self.name)
 
     _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
-
-
-_GNU_SPARSE = tarfile.GNUTYPE_SPARSE
 
 
 def _refuse_sparse(name: str) -> NoReturn:
@@ -258,15 +255,7 @@ class _Writer:
             return
         directory = self._tree.directory(parent, refuse)
         if member.isreg():
-            fd = _replacing(
-                directory, leaf, refuse, lambda: os.open(leaf, _NEW_FILE, 0o600, dir_fd=directory)
-            )
-            try:
-                _copy(source, member.offset_data, member.size, fd)
-                os.fchmod(fd, _file_mode(member.mode))
-                _set_mtime(fd, member.mtime, refuse)
-            finally:
-                os.close(fd)
+            self._file(member, source, directory, leaf, refuse)
             self._regular.add(path)
         elif member.isdir():
             try:
@@ -321,6 +310,19 @@ class _Writer:
             )
         return "/".join(parts)
 
+    def _file(
+        self, member: tarfile.TarInfo, source: Any, directory: int, leaf: str, refuse: _Refuse
+    ) -> None:
+        fd = _replacing(
+            directory, leaf, refuse, lambda: os.open(leaf, _NEW_FILE, 0o600, dir_fd=directory)
+        )
+        try:
+            _copy(source, member.offset_data, member.size, fd)
+            os.fchmod(fd, _file_mode(member.mode))
+            _set_mtime(fd, member.mtime, refuse)
+        finally:
+            os.close(fd)
+
     def _symlink(
         self, target: str, parent: str, directory: int, leaf: str, refuse: _Refuse
     ) -> None:
@@ -350,7 +352,7 @@ class _Writer:
             if source not in self._regular:
                 refuse(f"hard link to {target!r}, {_describe(source_directory, source_leaf)}")
             assert source_directory is not None
-            if source != path:  # a file linked to itself, as some archivers write, is it
+            if source != path:  # a file hard-linked to itself (some archivers write one) is it
                 _replacing(
                     directory,
                     leaf,

@@ -20,7 +20,6 @@ network round trip instead.
 from __future__ import annotations
 
 import argparse
-import http.server
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from elb_support import WRITES, CallCounter, Cloud, serving  # noqa: E402
+from elb_support import WRITES, CallCounter, Cloud, health_app  # noqa: E402
 from preparer_support import moto_server  # noqa: E402
 
 from agents.elb_registrar.agent import ElbRegistrar  # noqa: E402
@@ -47,17 +46,6 @@ from intent.store.sqlite import SqliteStore  # noqa: E402
 NODE = "bench-node"
 CLUSTER = "prod"
 HEALTH = {"type": "http", "interval_s": 0.05, "healthy_threshold": 2, "timeout_s": 1.0}
-
-
-class Healthy(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def setup(
@@ -108,13 +96,13 @@ def main() -> None:
     with (
         moto_server() as endpoint,
         tempfile.TemporaryDirectory() as tmp,
-        serving(Healthy) as health_port,
+        health_app() as health,
     ):
         root = Path(tmp)
         cloud = Cloud(endpoint)
         instance = cloud.instance()
         store = IntentStore(SqliteStore(root / "store.db"))
-        lbs = setup(cloud, store, root, args.apps, args.kind, health_port)
+        lbs = setup(cloud, store, root, args.apps, args.kind, health.port)
         counter = CallCounter()
         stop = threading.Event()
         aws = Aws(

@@ -154,6 +154,12 @@ class _Quiet(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
 
 @contextlib.contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
@@ -181,12 +187,10 @@ class HealthApp:
 
         class Handler(_Quiet):
             def do_GET(self) -> None:
-                status = 200 if app.healthy else 503
-                body = b"ok" if app.healthy else b"sick"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if app.healthy:
+                    self._answer(200, b"ok")
+                else:
+                    self._answer(503, b"sick")
 
         return Handler
 
@@ -230,12 +234,6 @@ class Imds:
                     self._answer(200, imds.instance.encode())
                 else:
                     self._answer(404, b"")
-
-            def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
         return Handler
 

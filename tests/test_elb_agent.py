@@ -563,24 +563,20 @@ def test_no_instance_id_is_one_clear_error() -> None:
 # -- as a process -----------------------------------------------------------------------------
 
 
-def test_pp_elb_registrar_once_as_a_process(
-    tmp_path: Path, store: IntentStore, cloud: Cloud, health: HealthApp
-) -> None:
-    instance = cloud.instance()
-    node = Node("n1", tmp_path / "n1", store, cloud, instance)
-    tg = cloud.target_group("web-tg")
-    deploy(node, "web", [tg], health)
+def agent_env(cloud: Cloud) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env |= {
+    return env | {
         "AWS_ENDPOINT_URL": cloud.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_CONFIG_FILE": "/dev/null",
         "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
     }
-    command = [
+
+
+def agent_command(tmp_path: Path) -> list[str]:
+    return [
         str(REPO / ".venv" / "bin" / "pp-elb-registrar"),
-        "--once",
         "--store",
         f"sqlite://{tmp_path / 'store.db'}",
         "--node",
@@ -592,11 +588,22 @@ def test_pp_elb_registrar_once_as_a_process(
         "--log-format",
         "json",
     ]
+
+
+def test_pp_elb_registrar_once_as_a_process(
+    tmp_path: Path, store: IntentStore, cloud: Cloud, health: HealthApp
+) -> None:
+    instance = cloud.instance()
+    node = Node("n1", tmp_path / "n1", store, cloud, instance)
+    tg = cloud.target_group("web-tg")
+    deploy(node, "web", [tg], health)
+    env, command = agent_env(cloud), [*agent_command(tmp_path), "--once"]
     with imds_server(instance) as imds:
         done = subprocess.run(
             [*command, "--imds-endpoint", f"http://127.0.0.1:{imds.port}"],
             env=env, capture_output=True, timeout=60, check=False,
         )  # fmt: skip
+        assert len(imds.tokens) == 1 and imds.refused == 0
     assert done.returncode == 0, done.stderr.decode()
     assert cloud.registered(tg, instance) == "healthy"
     assert node.report("web").status == "converged"
@@ -616,6 +623,35 @@ def test_pp_elb_registrar_once_as_a_process(
         "pp-elb-registrar: error: Invalid value for '--instance-id': 'web1' is not an EC2 "
         "instance id (i-0123456789abcdef0) (see 'pp-elb-registrar --help')"
     ]
+
+
+def test_sigterm_ends_a_long_wait_for_in_service_at_once(
+    tmp_path: Path, store: IntentStore, cloud: Cloud, health: HealthApp
+) -> None:
+    instance = cloud.instance()
+    node = Node("n1", tmp_path, store, cloud, instance)  # its state dir is the process's
+    classic = cloud.classic("web-lb")
+    cloud.stop(instance)  # OutOfService for ever
+    deploy(node, "web", [classic], health)
+    agent = subprocess.Popen(
+        [*agent_command(tmp_path), "--instance-id", instance, "--inservice-timeout", "300"],
+        env=agent_env(cloud), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: cloud.registered(classic, instance) == "OutOfService", timeout_s=30)
+        time.sleep(0.3)  # well into the wait
+        stopped = time.monotonic()
+        agent.terminate()
+        assert agent.wait(timeout=15) == 0
+        assert time.monotonic() - stopped < 3
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        assert agent.stderr is not None
+        log = agent.stderr.read().decode()
+    assert "agent.stop_abandoned" not in log  # the wait ended on the stop, not the grace
+    assert node.recorded("web") == [{**classic, "role_arn": None}]
 
 
 def test_stop_ends_a_long_wait_at_once(node: Node, cloud: Cloud, health: HealthApp) -> None:

@@ -52,6 +52,7 @@ from intent.model import ClassicElb, TargetGroup
 
 if TYPE_CHECKING:
     from mypy_boto3_elb import ElasticLoadBalancingClient
+    from mypy_boto3_elb.type_defs import InstanceTypeDef
     from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
     from mypy_boto3_elbv2.type_defs import TargetDescriptionTypeDef
 
@@ -224,47 +225,39 @@ class Aws:
     # -- both -----------------------------------------------------------------------------
 
     def register(self, lb: LoadBalancer, instance_id: str) -> None:
-        if isinstance(lb, ClassicElb):
-            elb = self._elb(lb)
-            self._call(
-                "elb",
-                "RegisterInstancesWithLoadBalancer",
-                lambda: elb.register_instances_with_load_balancer(
-                    LoadBalancerName=lb.name, Instances=[{"InstanceId": instance_id}]
-                ),
-            )
-        else:
-            elbv2 = self._elbv2(lb)
-            target: TargetDescriptionTypeDef = {"Id": instance_id, "Port": lb.port}
-            self._call(
-                "elbv2",
-                "RegisterTargets",
-                lambda: elbv2.register_targets(TargetGroupArn=lb.arn, Targets=[target]),
-            )
+        self._membership(lb, instance_id, join=True)
 
     def deregister(self, lb: LoadBalancer, instance_id: str) -> None:
         """Deregister; an instance that is not registered is not an error."""
         try:
-            if isinstance(lb, ClassicElb):
-                elb = self._elb(lb)
-                self._call(
-                    "elb",
-                    "DeregisterInstancesFromLoadBalancer",
-                    lambda: elb.deregister_instances_from_load_balancer(
-                        LoadBalancerName=lb.name, Instances=[{"InstanceId": instance_id}]
-                    ),
-                )
-            else:
-                elbv2 = self._elbv2(lb)
-                target: TargetDescriptionTypeDef = {"Id": instance_id, "Port": lb.port}
-                self._call(
-                    "elbv2",
-                    "DeregisterTargets",
-                    lambda: elbv2.deregister_targets(TargetGroupArn=lb.arn, Targets=[target]),
-                )
+            self._membership(lb, instance_id, join=False)
         except AwsError as exc:
             if exc.code not in ("InvalidInstance", "InvalidTarget"):
                 raise
+
+    def _membership(self, lb: LoadBalancer, instance_id: str, join: bool) -> None:
+        if isinstance(lb, ClassicElb):
+            elb = self._elb(lb)
+            instances: list[InstanceTypeDef] = [{"InstanceId": instance_id}]
+            if join:
+                operation, change = (
+                    "RegisterInstancesWithLoadBalancer",
+                    elb.register_instances_with_load_balancer,
+                )
+            else:
+                operation, change = (
+                    "DeregisterInstancesFromLoadBalancer",
+                    elb.deregister_instances_from_load_balancer,
+                )
+            self._call(
+                "elb", operation, lambda: change(LoadBalancerName=lb.name, Instances=instances)
+            )
+        else:
+            elbv2 = self._elbv2(lb)
+            targets: list[TargetDescriptionTypeDef] = [{"Id": instance_id, "Port": lb.port}]
+            call = elbv2.register_targets if join else elbv2.deregister_targets
+            operation = "RegisterTargets" if join else "DeregisterTargets"
+            self._call("elbv2", operation, lambda: call(TargetGroupArn=lb.arn, Targets=targets))
 
     def tags(self, lb: LoadBalancer) -> dict[str, str]:
         descriptions: list[Any]

@@ -56,7 +56,8 @@ class BundleSpec:
 def agent_flags(spec: BundleSpec, agent: str) -> list[str]:
     flags = ["--store", spec.store, "--prefix", spec.prefix, "--node", spec.node]
     if agent == "preparer":
-        flags += ["--repo", spec.repo]
+        # Its locks live beside setlive's state (/var/lib/platypus/{setlive,preparer}).
+        flags += ["--repo", spec.repo, "--state-dir", str(spec.state_dir.parent / "preparer")]
     if agent == "setlive":
         flags += [
             "--runit", str(spec.runit_dir),

@@ -27,6 +27,18 @@ def _missing(reason: str, require_var: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def preparer_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """pp-preparer keeps its locks in a system directory unless told otherwise: every
+    preparer a test starts, in process or not, keeps them in a temp dir instead."""
+    path = tmp_path_factory.mktemp("preparer-state")
+    os.environ["PP_PREPARER_STATE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop("PP_PREPARER_STATE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def consul_bin() -> str:
     binary = find_consul()

@@ -57,6 +57,7 @@ class World:
         self.repo = server.root
         self.server = server
         self.srv = root / "srv"
+        self.state_dir = root / "preparer-state"
 
     def publish(self, app: str, version: str, files: dict[str, bytes] | None = None) -> str:
         (self.repo / app).mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,7 @@ class World:
             "--store", self.store_url, "--prefix", self.prefix, "--node", NODE, "--once",
             "--log-format", "json",
             "--repo", self.server.url, "--fetch-timeout", "1", "--fetch-attempts", "2",
+            "--state-dir", str(self.state_dir),
         ]  # fmt: skip
 
     def report(self, app: str) -> Reality:
@@ -492,4 +494,6 @@ def test_structured_logs_name_the_install(world: World) -> None:
 
 def in_process(world: World, fetch: FetchOptions | None = None) -> Preparer:
     settings = Settings(fetch or FetchOptions(timeout_s=1, attempts=1), Limits(1 << 30, 100_000))
-    return Preparer(settings, repo=world.server.url, store=world.store, node=NODE)
+    return Preparer(
+        settings, repo=world.server.url, store=world.store, node=NODE, state_dir=world.state_dir
+    )

@@ -68,6 +68,23 @@ def test_a_directory_without_marker_is_not_an_install_and_is_replaced() -> None:
     assert actions == [Install("1.0", A, url("1.0"), replace=True)]
 
 
+def test_installs_marked_before_launch_records_are_verified_again() -> None:
+    """After an upgrade of the agents: the running install is re-marked in place (its
+    app keeps running), the others are installed again; the sha256 must still match."""
+    legacy = [Present(v, A, 1.0, legacy=True) for v in ("1.0", "2.0")]
+    wanted = [want("1.0", active=True), want("2.0")]
+    assert plan(wanted, observed(*legacy, current="1.0")) == [
+        Install("1.0", A, url("1.0"), replace=False, in_place=True),
+        Install("2.0", A, url("2.0"), replace=True),
+    ]
+    # Without a url to fetch it again from, it is reported, not removed.
+    refused = plan([want("1.0", active=True, has_url=False)], observed(legacy[0], current="1.0"))
+    assert [type(a) for a in refused] == [Refuse]
+    # Another sha256 under the running install stays refused, whatever its marker.
+    other = Present("1.0", B, 1.0, legacy=True)
+    assert [type(a) for a in plan(wanted[:1], observed(other, current="1.0"))] == [Refuse]
+
+
 def test_an_install_with_another_sha_is_replaced_when_it_is_not_running() -> None:
     actions = plan([want("1.0", B)], observed(present("1.0", A), current="0.9"))
     assert actions == [Install("1.0", B, url("1.0"), replace=True)]

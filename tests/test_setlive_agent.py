@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from race_support import NOBODY, run_as_nobody
 from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for  # noqa: F401
 
 from agents.operator import request_retry
@@ -77,9 +78,8 @@ class Host:
         shutil.copytree(APPS / source, target, symlinks=False)
         if unhealthy:
             (target / "unhealthy").write_text("")
-        (target / ".pp-installed.json").write_bytes(
-            InstallMarker(sha(version), time.time()).to_bytes()
-        )
+        marker = InstallMarker.of_artifact(app, version, sha(version), target, time.time())
+        (target / ".pp-installed.json").write_bytes(marker.to_bytes())
         return target
 
     def intent(
@@ -690,6 +690,89 @@ def test_a_changed_service_set_keeps_the_old_version_serving_until_the_switch(ho
     assert host.converge(), host.report("reshape")
     assert get(port) == (200, "reshape 3")
     assert not host.service("reshape-web").exists() and host.previous("reshape") == "2"
+
+
+# -- what the app's own user can and cannot do -----------------------------------------------------
+
+
+def _hand_over(install: Path) -> None:
+    """What the preparer does: the install belongs to run_as, its marker stays root's."""
+    for path in [install, *install.rglob("*")]:
+        if path.name != ".pp-installed.json":
+            os.lchown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+
+
+_ADD_ENTRY = """
+import os, sys
+path = sys.argv[1] + "/bin/launch/evil"
+with open(path, "w") as f:
+    f.write("#!/bin/sh\\nexec sleep 100000\\n")
+os.chmod(path, 0o755)
+"""
+
+
+def test_entries_an_app_adds_to_its_install_never_become_services(host: Host) -> None:
+    port = free_port()
+    install = host.install("sneaky", "1", source="multiapp")
+    _hand_over(install)
+    host.intent("sneaky", port, "1")
+    assert host.converge()
+    pids = {s: host.status(s).pid for s in ("sneaky-web", "sneaky-worker")}
+
+    added = run_as_nobody(_ADD_ENTRY, str(install))
+    assert added.returncode == 0, added.stderr
+    assert host.converge()
+    assert not host.service("sneaky-evil").exists()
+    assert not os.path.lexists(host.paths.runit_dir / "sneaky-evil")
+    assert {s: host.status(s).pid for s in pids} == pids
+    assert set(host.report("sneaky").details["runit"]) == set(pids)
+
+    # It owns the directory, so it can replace root's marker with one listing evil:
+    # a marker root did not write is no marker, and nothing is started from it.
+    marker = host.layout("sneaky").marker("1")
+    forged = json.loads(marker.read_bytes()) | {"launch": ["evil", "web", "worker"]}
+    replaced = run_as_nobody(
+        "import os, sys; os.unlink(sys.argv[1]); open(sys.argv[1], 'w').write(sys.argv[2])",
+        str(marker),
+        json.dumps(forged),
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert not host.converge()
+    report = host.report("sneaky")
+    assert report.status == "converging" and "waiting for the preparer" in (report.error or "")
+    assert not host.service("sneaky-evil").exists()
+    assert {s: host.status(s).pid for s in pids} == pids
+    assert get(port) == (200, "sneaky 1")
+
+
+def test_an_app_installed_by_older_agents_keeps_running_and_gains_no_service(host: Host) -> None:
+    port = free_port()
+    install = host.install("olden", "1", source="multiapp")
+    host.install("olden", "2", source="multiapp")
+    host.intent("olden", port, "1")
+    assert host.converge()
+    pids = {s: host.status(s).pid for s in ("olden-web", "olden-worker")}
+
+    # Markers as the agents before launch records wrote them, and an entry the app added.
+    layout = host.layout("olden")
+    for version in ("1", "2"):
+        layout.marker(version).write_bytes(InstallMarker(sha(version), 1.0).to_bytes())
+    added = run_as_nobody(_ADD_ENTRY, str(install))
+    assert added.returncode != 0  # root's install in this test: the app cannot even write
+    _hand_over(install)
+    assert run_as_nobody(_ADD_ENTRY, str(install)).returncode == 0
+
+    assert host.converge()  # the running version keeps the services root already runs
+    assert {s: host.status(s).pid for s in pids} == pids
+    assert not host.service("olden-evil").exists()
+    assert host.report("olden").status == "converged"
+
+    host.intent("olden", port, "2")  # not running: it waits for the preparer to verify it
+    assert not host.converge()
+    report = host.report("olden")
+    assert report.status == "converging"
+    assert "waiting for the preparer to install olden 2" in (report.error or "")
+    assert get(port) == (200, "olden 1") and host.current("olden") == "1"
 
 
 def _log(host: Host, service: str) -> str:

@@ -89,7 +89,8 @@ class Bundle:
         _write(target / "bin" / "check", "#!/bin/sh\necho ok\n")
         if broken:
             (target / "broken").write_text("")
-        self.layout.marker(version).write_bytes(InstallMarker(sha(version), time.time()).to_bytes())
+        marker = InstallMarker.of_artifact(APP, version, sha(version), target, time.time())
+        self.layout.marker(version).write_bytes(marker.to_bytes())
 
     def deploy(self, active: str) -> None:
         self.store.put_json(keys.node_app(NODE, APP), {"cluster": "c"})

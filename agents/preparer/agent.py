@@ -38,6 +38,9 @@ from intent.store import AppIntent, IntentStore, StoreError
 
 log = structlog.get_logger()
 
+DEFAULT_STATE_DIR = "/var/lib/platypus/preparer"
+STATE_DIR_VAR = "PP_PREPARER_STATE_DIR"
+
 
 class Preparer(Agent):
     name = "preparer"
@@ -51,6 +54,7 @@ class Preparer(Agent):
         store: IntentStore | None = None,
         node: str | None = None,
         clock: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
         stop: threading.Event | None = None,
         handle_signals: bool = False,
     ) -> None:
@@ -63,6 +67,8 @@ class Preparer(Agent):
         self.stop = stop
         """Set when the agent stops: downloads in flight end within a second or so."""
         self.handle_signals = handle_signals
+        self.state_dir = state_dir if state_dir is not None else default_state_dir()
+        """Root's own directory for the per-app locks (never one the apps can open)."""
         self.repo = repo
         self.keep_old = keep_old
         self.store = store
@@ -113,7 +119,9 @@ class Preparer(Agent):
             )
         layout = AppLayout(Path(deploy.basedir), app)
         try:
-            layout.installs.mkdir(parents=True, exist_ok=True)
+            apply.ensure_dirs(layout)
+        except apply.ApplyError as exc:
+            return Outcome.failed(str(exc), active)
         except OSError as exc:
             return Outcome.failed(f"cannot create {layout.installs}: {exc.strerror}", active)
         wanted = [
@@ -125,10 +133,16 @@ class Preparer(Agent):
             )
             for version, spec in config.versions.items()
         ]
-        with apply.exclusive(layout.installs) as ours:
+        with contextlib.ExitStack() as held:
+            lock = self.state_dir / f"{app}.lock"
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                ours = held.enter_context(apply.exclusive(lock))
+            except OSError as exc:
+                return Outcome.failed(f"--state-dir {self.state_dir}: {exc.strerror}", active)
             if not ours:
                 return Outcome.converging(
-                    f"another pp-preparer is working in {layout.installs}", active
+                    f"another pp-preparer is working on {app} (lock {lock})", active
                 )
             return self._converge_locked(app, active, layout, wanted, owner)
 
@@ -236,6 +250,18 @@ class Preparer(Agent):
         # Reality is best effort; the runtime's final report follows anyway.
         with contextlib.suppress(StoreError):
             self.store.write_reality(report)
+
+
+def default_state_dir() -> Path:
+    """``$PP_PREPARER_STATE_DIR``, else ``/var/lib/platypus/preparer`` for root (the
+    agent as a service), else a directory of the user's own, so a developer's preparer
+    needs no setup."""
+    if configured := os.environ.get(STATE_DIR_VAR):
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path(DEFAULT_STATE_DIR)
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "platypus" / "preparer"
 
 
 def _owner(run_as: str) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
@@ -20,10 +21,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agents.preparer.plan import Install
-from agents.system import archive
+from agents.system import archive, fs
 from agents.system.fetch import (
     FetchError,
     FetchOptions,
@@ -32,9 +34,11 @@ from agents.system.fetch import (
     fetch_bytes,
     signature_url,
 )
-from agents.system.fs import temp_name, write_atomic
+from agents.system.fs import temp_name
 from agents.system.layout import MARKER_NAME, AppLayout, InstallMarker
 from agents.system.signing import SignatureError, verify
+
+log = structlog.get_logger()
 
 
 class ApplyError(Exception):
@@ -59,13 +63,16 @@ class Installed:
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path) -> Iterator[bool]:
-    """Hold an advisory lock on ``directory`` (True), or report it is taken (False).
+def exclusive(lock_file: Path) -> Iterator[bool]:
+    """Hold an advisory lock on ``lock_file`` (True), or report it is taken (False).
 
     Two preparers on one host (a service and a hand-run ``--once``) would
-    otherwise clean up each other's work in progress as crash leftovers.
+    otherwise clean up each other's work in progress as crash leftovers. The lock
+    file lives in the preparer's own state directory: a lock on anything the app
+    can open (its ``installs/``) is one the app could hold forever, so that no fix
+    of its own install would ever be applied.
     """
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,12 +84,72 @@ def exclusive(directory: Path) -> Iterator[bool]:
         os.close(fd)  # closing releases the lock
 
 
+def ensure_dirs(layout: AppLayout) -> None:
+    """Make ``<basedir>`` and ``<basedir>/installs`` exist, ours and writable by no one else.
+
+    The app's user must never write either: in ``installs/`` it could plant an
+    install with a marker of its own, and in a basedir it could swap ``installs``
+    for a link while the preparer works inside. The installs themselves are handed
+    to the app's user; their parents stay ours, 0755. ``installs/`` is the
+    preparer's own directory and is put right; a basedir someone else can write is
+    the platform team's to fix, so it is refused.
+    """
+    me = os.geteuid()
+    basedir = layout.basedir
+    if not basedir.exists():
+        basedir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            basedir.mkdir(mode=0o755)
+            os.chmod(basedir, 0o755)  # the umask may have widened or narrowed it
+    st = basedir.stat()
+    if st.st_uid != me or st.st_mode & 0o022:
+        raise ApplyError(
+            f"basedir {basedir} can be written by others (owner uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o7777:04o}), so its app could plant installs: make it "
+            f"uid {me}'s and not group- or world-writable (chown {me} {basedir}; "
+            f"chmod 755 {basedir})"
+        )
+    with fs.open_dir(basedir) as base:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("installs", 0o755, dir_fd=base)
+        try:
+            with fs.open_dir("installs", dir_fd=base) as installs:
+                st = os.fstat(installs)
+                if st.st_uid != me or st.st_mode & 0o7022 != 0:
+                    log.warning(
+                        "installs.ownership_fixed",
+                        path=str(layout.installs),
+                        uid=st.st_uid,
+                        mode=f"{st.st_mode & 0o7777:04o}",
+                    )
+                    os.fchown(installs, me, os.getegid())
+                    os.fchmod(installs, 0o755)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ApplyError(
+                    f"{layout.installs} is not a directory (a link?): remove it"
+                ) from None
+            raise
+
+
 def install(
     layout: AppLayout,
     action: Install,
     settings: Settings,
     owner: tuple[int, int] | None = None,
 ) -> Installed:
+    """Fetch, verify and extract ``action``'s artifact, then put it in place.
+
+    The tree stays root's and private (0700) until it is complete: extracted, its
+    services read, its marker written, all flushed; only then is it handed to
+    ``owner`` (bottom-up) and renamed into place. Nothing is written by path in a
+    directory the app's user can write: once it owns the tree, its processes may
+    rename anything in it.
+
+    ``action.in_place``: the install under the final name is complete but its marker
+    predates the record of its services; the artifact is verified again and only
+    the marker of the live install is rewritten (it may be running).
+    """
     final = layout.install_dir(action.version)
     workdir = temp_name(final)
     download = workdir.with_name(workdir.name + ".download")
@@ -111,15 +178,17 @@ def install(
         workdir.mkdir(mode=0o700)
         extracted = archive.extract(download, workdir, settings.limits, reserved={MARKER_NAME})
         download.unlink()
-        os.chmod(workdir, 0o755)
-        if owner is not None:
-            archive.chown_tree(workdir, *owner)
-        sync_filesystem(workdir)
-        write_atomic(workdir / MARKER_NAME, InstallMarker(action.sha256, time.time()).to_bytes())
-        if action.replace and final.exists():
-            trash = temp_name(final)
-            os.rename(final, trash)
-        os.rename(workdir, final)
+        marker = InstallMarker.of_artifact(
+            layout.app, action.version, action.sha256, workdir, time.time()
+        )
+        if action.in_place:
+            _remark(layout, action.version, marker)
+        else:
+            _seal(workdir, marker, owner)
+            if action.replace and final.exists():
+                trash = temp_name(final)
+                os.rename(final, trash)
+            os.rename(workdir, final)
         fsync_directory(layout.installs)
         return Installed(action.version, fetched.size, extracted.files, extracted.bytes, signed_by)
     except FetchError as exc:
@@ -136,6 +205,39 @@ def install(
         for leftover in (workdir, trash):
             if leftover is not None:
                 remove_tree(leftover)
+
+
+def _seal(workdir: Path, marker: InstallMarker, owner: tuple[int, int] | None) -> None:
+    """Complete the private tree and hand it over: contents to ``owner`` (inside a
+    directory only root can enter, so nothing can be swapped under the walk), the
+    marker written as ours, everything flushed, and last the directory itself."""
+    with fs.open_dir(workdir) as fd:
+        if owner is not None:
+            for name in os.listdir(fd):
+                child = workdir / name
+                if child.is_dir() and not child.is_symlink():
+                    archive.chown_tree(child, *owner)
+                else:
+                    os.lchown(child, *owner)
+        fs.write_in(fd, MARKER_NAME, marker.to_bytes())
+        # The marker claims completeness: the data must be on disk before the tree can
+        # appear under its final name (delayed allocation could leave empty files).
+        sync_filesystem(workdir)
+        os.fchmod(fd, 0o755)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fsync(fd)
+
+
+def _remark(layout: AppLayout, version: str, marker: InstallMarker) -> None:
+    """Rewrite the marker of a live install, which its app's user owns (``write_in``
+    never follows or trusts a name in there)."""
+    with (
+        fs.open_dir(layout.installs) as installs,
+        fs.open_dir(layout.install_dir(version).name, dir_fd=installs) as fd,
+    ):
+        fs.write_in(fd, MARKER_NAME, marker.to_bytes())
+        os.fsync(fd)
 
 
 def _signature(url: str, settings: Settings) -> bytes | None:

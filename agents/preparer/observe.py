@@ -22,6 +22,7 @@ def observe(layout: AppLayout) -> Observed:
             version,
             marker.sha256 if marker else None,
             marker.installed_at if marker else None,
+            marker.legacy if marker else False,
         )
     try:
         names = os.listdir(layout.installs)

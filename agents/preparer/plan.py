@@ -31,6 +31,8 @@ class Present:
     sha256: str | None
     """From its completion marker; None when the marker is missing or unreadable."""
     installed_at: float | None = None
+    legacy: bool = False
+    """Its marker predates the record of the artifact's services (``InstallMarker.legacy``)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class Install:
     url: str
     replace: bool
     """A directory (incomplete, or another sha256) already holds the final name."""
+    in_place: bool = False
+    """The install is complete and runs (``current``), but its marker predates the record
+    of its services: verify the artifact again and rewrite only the marker."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ def plan(
     actions.extend(_garbage(by_version, observed, keep_old))
     for want in sorted(by_version.values(), key=lambda w: (not w.active, w.version)):
         present = observed.installs.get(want.version)
-        if present is not None and present.sha256 == want.sha256:
+        complete = present is not None and present.sha256 == want.sha256
+        if complete and present is not None and not present.legacy:
             continue
         if want.url is None:
             actions.append(
@@ -116,6 +122,10 @@ def plan(
             )
         elif refusal := local_url_refusal(want.url, local_root):
             actions.append(Refuse(want.version, refusal))
+        elif complete and want.version == observed.current:
+            # Upgraded agents: the running install cannot be swapped under its app, and
+            # its services must come from the verified artifact, so verify it again.
+            actions.append(Install(want.version, want.sha256, want.url, False, in_place=True))
         elif present is not None and want.version == observed.current:
             actions.append(Refuse(want.version, _running_mismatch(present, want)))
         else:

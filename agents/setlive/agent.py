@@ -21,7 +21,7 @@ from agents.setlive.plan import Desired, Observed, Plan, VersionInfo, fingerprin
 from agents.setlive.services import ENV_DIR, render
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
-from agents.system.layout import AppLayout
+from agents.system.layout import AppLayout, InstallMarker, LaunchEntries
 from intent.model import DeployConfig, Reality
 from intent.store import AppIntent, IntentStore, StoreError
 
@@ -160,7 +160,8 @@ class SetliveAgent(Agent):
         if hc is None:
             return None
         port = hc.port if hc.port is not None else (deploy.ports[0].port if deploy.ports else None)
-        env_dir = self.paths.stage / _first_service(intent, layout, version) / ENV_DIR
+        first = _first_service(intent, layout, version, self.paths.stage)
+        env_dir = self.paths.stage / first / ENV_DIR
         argv = [
             "chpst",
             "-u",
@@ -195,14 +196,14 @@ class SetliveAgent(Agent):
         gid = pwd.getpwnam(deploy.run_as).pw_gid
         versions: dict[str, VersionInfo] = {}
         for version in sorted(v for v in candidates if v is not None):
-            if version == active:
-                installed = layout.is_installed(version, sha or "")
-            else:
-                installed = layout.read_marker(version) is not None
-            if not installed:
+            marker = layout.read_marker(version)
+            launch = None
+            if marker is not None and (version != active or marker.sha256 == sha):
+                launch = self._launch(intent.app, version, marker, current)
+            if launch is None:
                 versions[version] = VersionInfo(False)
                 continue
-            entries, error = obs.launch_entries(layout.install_dir(version))
+            entries, error = launch
             specs = render(
                 app=intent.app,
                 cluster=intent.cluster,
@@ -241,6 +242,27 @@ class SetliveAgent(Agent):
             last_good=state.last_good,
         )
         return desired, observed
+
+    def _launch(
+        self, app: str, version: str, marker: InstallMarker, current: str | None
+    ) -> tuple[LaunchEntries, str | None] | None:
+        """The services of an install: what its verified artifact declared, as the
+        preparer recorded in the marker; never what the install holds now (its app
+        can add to it, and each entry becomes a service runit supervises as root).
+
+        A marker written before that record (the agents were just upgraded) gives no
+        list. For the version that runs, the services already staged for the app stand
+        in (root's own record of what it supervises), so upgrading the agents neither
+        stops nor changes a running app; the preparer verifies its artifact again and
+        rewrites the marker. Any other version waits for that (None: not installed).
+        """
+        if marker.launch is not None:
+            return marker.launch, marker.launch_error
+        if version == current:
+            staged = obs.staged_entries(self.paths.stage, app)
+            if staged:
+                return staged, None
+        return None
 
     # -- failure and reports -------------------------------------------------------------------
 
@@ -357,8 +379,12 @@ class SetliveAgent(Agent):
         return result.output, result.ok
 
 
-def _first_service(intent: AppIntent, layout: AppLayout, version: str) -> str:
-    entries, _ = obs.launch_entries(layout.install_dir(version))
+def _first_service(intent: AppIntent, layout: AppLayout, version: str, stage: Path) -> str:
+    """The service whose env dir the health check runs with."""
+    marker = layout.read_marker(version)
+    entries = marker.launch if marker is not None else None
+    if entries is None:
+        entries = obs.staged_entries(stage, intent.app)
     first = entries[0] if entries else None
     return intent.app if first is None else f"{intent.app}-{first}"
 

@@ -9,7 +9,6 @@ really runs is read from the process's own environment (``PP_VERSION``,
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from agents.setlive.plan import ServiceObs
 from agents.setlive.services import CONFIG_FILE, DIGEST_VAR, ENV_DIR, OWNER_FILE, FileSpec
 from agents.setlive.services import parse_owner as _parse_owner
 from agents.system import fs, runit
+from agents.system.layout import LaunchEntries
 
-_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANAGED_FILES = ("run", "log/run", CONFIG_FILE, OWNER_FILE)
 
 
@@ -30,24 +29,18 @@ class Paths:
     state_dir: Path
 
 
-def launch_entries(install_dir: Path) -> tuple[list[str | None], str | None]:
-    """``bin/launch`` as services: ``[None]`` for one executable, the names of the
-    executables in it for a directory; or an error naming what is wrong."""
-    launch = install_dir / "bin" / "launch"
-    if launch.is_dir():
-        entries: list[str | None] = []
-        for child in sorted(launch.iterdir()):
-            if child.name.startswith(".") or not child.is_file() or not os.access(child, os.X_OK):
-                continue
-            if not _ENTRY_NAME.match(child.name) or ".." in child.name:
-                return [], f"bin/launch/{child.name}: not a usable service name"
-            entries.append(child.name)
-        if not entries:
-            return [], "bin/launch is a directory with no executables"
-        return entries, None
-    if launch.is_file() and os.access(launch, os.X_OK):
-        return [None], None
-    return [], "bin/launch is missing or not executable"
+def staged_entries(stage: Path, app: str) -> LaunchEntries:
+    """The entries of the services staged for ``app``: what root already supervises,
+    from setlive's own ``pp-service.json`` files (never from the app's install)."""
+    entries: list[str | None] = []
+    for name in sorted(n for n, owner in staged_services(stage).items() if owner == app):
+        try:
+            owner = _parse_owner((stage / name / OWNER_FILE).read_bytes())
+        except OSError:
+            continue
+        if owner is not None:
+            entries.append(owner[1])
+    return tuple(entries)
 
 
 def _file_spec(path: Path) -> FileSpec | None:

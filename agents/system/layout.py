@@ -1,19 +1,30 @@
 """Where an app lives under its ``basedir``: the one layout preparer and setlive share.
 
+    <basedir>/                            root's, not writable by the app
+    <basedir>/installs/                   root's, not writable by the app
     <basedir>/installs/<app>_<version>/   one complete, verified install per version
-    <basedir>/installs/<app>_<version>/.pp-installed.json   the completion marker
+                                          (handed to the app's run_as user)
+    <basedir>/installs/<app>_<version>/.pp-installed.json   the completion marker (root's)
     <basedir>/current  -> installs/<app>_<version>   what runs (set by setlive)
     <basedir>/previous -> installs/<app>_<version>   what ran before (for rollback)
 
-The preparer extracts into a temp directory, writes the marker last and renames
-the directory into place, so an install under its final name is always whole;
-setlive acts only on installs whose marker matches the intent's sha256.
+The preparer extracts into a private temp directory, writes the marker and only
+then hands the tree to the app's user and renames it into place, so an install
+under its final name is always whole; setlive acts only on installs whose marker
+matches the intent's sha256.
+
+An install belongs to the app's user, so the app can delete or move its marker
+but not forge one: a marker counts only when it belongs to the agents' own user,
+nobody else may write it, and it names this app and version. It also records the
+services the verified artifact declares (``bin/launch``), so what the app adds to
+its install later never becomes a service supervised by root.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +32,96 @@ from agents.system.fs import read_small
 
 MARKER_NAME = ".pp-installed.json"
 
+LaunchEntries = tuple[str | None, ...]
+"""The services of an install: ``(None,)`` for a single ``bin/launch`` executable, the
+names of the executables in it for a ``bin/launch`` directory."""
+
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def launch_entries(install_dir: Path) -> tuple[LaunchEntries, str | None]:
+    """``bin/launch`` as services, or an error naming what is wrong.
+
+    Read by the preparer from the artifact as extracted, while the tree is still
+    root's and private; never from a live install, which the app can change.
+    """
+    launch = install_dir / "bin" / "launch"
+    if launch.is_dir():
+        entries: list[str | None] = []
+        for child in sorted(launch.iterdir()):
+            if child.name.startswith(".") or not child.is_file() or not os.access(child, os.X_OK):
+                continue
+            if not is_entry_name(child.name):
+                return (), f"bin/launch/{child.name}: not a usable service name"
+            entries.append(child.name)
+        if not entries:
+            return (), "bin/launch is a directory with no executables"
+        return tuple(entries), None
+    if launch.is_file() and os.access(launch, os.X_OK):
+        return (None,), None
+    return (), "bin/launch is missing or not executable"
+
+
+def is_entry_name(name: str) -> bool:
+    return bool(_ENTRY_NAME.match(name)) and ".." not in name
+
 
 @dataclass(frozen=True)
 class InstallMarker:
     sha256: str
     installed_at: float
+    app: str | None = None
+    version: str | None = None
+    launch: LaunchEntries | None = None
+    """The services the verified artifact declares; None in a marker written before the
+    preparer recorded them (see ``legacy``)."""
+    launch_error: str | None = None
+    """Why the artifact declares no usable service, when it does not."""
+
+    @classmethod
+    def of_artifact(
+        cls, app: str, version: str, sha256: str, tree: Path, installed_at: float
+    ) -> InstallMarker:
+        """The marker for ``tree``, an artifact extracted and not yet handed over."""
+        entries, error = launch_entries(tree)
+        return cls(sha256, installed_at, app, version, entries, error)
+
+    @property
+    def legacy(self) -> bool:
+        """Written before markers recorded the artifact's services: the install's
+        service list cannot be known without verifying the artifact again."""
+        return self.launch is None
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"sha256": self.sha256, "installed_at": self.installed_at}).encode()
+        data: dict[str, object] = {"sha256": self.sha256, "installed_at": self.installed_at}
+        if not self.legacy:
+            data |= {"app": self.app, "version": self.version, "launch": list(self.launch or ())}
+            if self.launch_error is not None:
+                data["launch_error"] = self.launch_error
+        return json.dumps(data).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> InstallMarker:
+        """ValueError unless ``raw`` is a marker (of either generation)."""
+        try:
+            data = json.loads(raw)
+            marker = cls(str(data["sha256"]), float(data["installed_at"]))
+            if "launch" not in data:
+                return marker
+            if not isinstance(data["launch"], list):
+                raise TypeError("launch must be a list")
+            launch = tuple(data["launch"])
+            error = data.get("launch_error")
+            app, version = data["app"], data["version"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an install marker: {exc}") from None
+        if not all(e is None or (isinstance(e, str) and is_entry_name(e)) for e in launch):
+            raise ValueError("not an install marker: bad launch entries")
+        if not (isinstance(app, str) and isinstance(version, str)):
+            raise ValueError("not an install marker: app and version must be strings")
+        if error is not None and not isinstance(error, str):
+            raise ValueError("not an install marker: launch_error must be a string")
+        return cls(marker.sha256, marker.installed_at, app, version, launch, error)
 
 
 @dataclass(frozen=True)
@@ -55,12 +148,15 @@ class AppLayout:
         return self.basedir / "previous"
 
     def read_marker(self, version: str) -> InstallMarker | None:
-        """The completion marker, or None when the install is absent or incomplete."""
+        """The completion marker, or None when the install is absent, incomplete, or
+        its marker is not one the agents wrote for this app and version."""
         try:
-            data = json.loads(read_small(self.marker(version)))
-            return InstallMarker(str(data["sha256"]), float(data["installed_at"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            marker = InstallMarker.parse(read_small(self.marker(version), owner=os.geteuid()))
+        except (OSError, ValueError):
             return None
+        if not marker.legacy and (marker.app, marker.version) != (self.app, version):
+            return None  # moved here from another install
+        return marker
 
     def is_installed(self, version: str, sha256: str) -> bool:
         marker = self.read_marker(version)
@@ -77,9 +173,11 @@ class AppLayout:
         return name[len(prefix) :] if name.startswith(prefix) else None
 
     def installed_versions(self) -> list[str]:
+        """Versions with a directory (not a symlink) under their install name."""
         prefix = f"{self.app}_"
         try:
-            names = sorted(p.name for p in self.installs.iterdir() if p.is_dir())
+            with os.scandir(self.installs) as entries:
+                names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
         return [n[len(prefix) :] for n in names if n.startswith(prefix)]

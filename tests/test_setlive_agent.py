@@ -775,6 +775,42 @@ def test_an_app_installed_by_older_agents_keeps_running_and_gains_no_service(hos
     assert get(port) == (200, "olden 1") and host.current("olden") == "1"
 
 
+def test_a_log_dir_left_by_a_previous_run_as_never_steers_the_new_logger(host: Host) -> None:
+    """svlogd obeys a ``config`` in its directory, which can name a program to run at
+    each rotation: one planted by the app's user must not run once the app (and so
+    its logger) runs as someone else, here root."""
+    port = free_port()
+    host.install("relog", "1")
+    host.intent("relog", port, "1")
+    assert host.converge()
+    log_dir = host.paths.log_root / "relog"
+    assert wait_for(lambda: "relog 1 listening" in _log(host, "relog"), 5)
+    assert log_dir.stat().st_uid == NOBODY.pw_uid
+    proof = host.root / "processor-ran"
+    planted = run_as_nobody(
+        "import sys; open(sys.argv[1] + '/config', 'w').write('!touch ' + sys.argv[2] + '\\n')",
+        str(log_dir),
+        str(proof),
+    )
+    assert planted.returncode == 0, planted.stderr
+
+    host.intent("relog", port, "1", run_as="root")
+    assert host.converge()
+    logger = host.service("relog") / "log"
+
+    def logs_as_root() -> bool:
+        pid = runit.status(logger).pid
+        return pid is not None and uid_of(pid) == 0 and "as uid 0" in _log(host, "relog")
+
+    assert wait_for(logs_as_root, 10)
+    subprocess.run(["sv", "alarm", str(logger)], check=True)  # svlogd rotates now
+    time.sleep(1.5)
+    assert not proof.exists(), "a program named by the previous user ran as root"
+    assert log_dir.stat().st_uid == 0 and not (log_dir / "config").exists()
+    (aside,) = [p for p in host.paths.log_root.iterdir() if p.name.startswith("relog.old-")]
+    assert (aside / "config").exists()  # set aside, not deleted
+
+
 def _log(host: Host, service: str) -> str:
     try:
         return (host.paths.log_root / service / "current").read_text()

@@ -4,7 +4,7 @@ One service per executable under ``bin/launch`` (``<app>`` for a single file,
 ``<app>-<entry>`` for each file of a directory). Each service directory holds:
 
     run            cd into <basedir>/current, export PP_VERSION, exec chpst -u <run_as> -e env
-    log/run        svlogd -tt into <log-root>/<service>
+    log/run        svlogd -tt into <log-root>/<service>, a directory run_as owns
     env/           the env dir: user_config, then deploy_config.env, then PP_* (later wins)
     config.json    user_config as JSON, readable by run_as's group (path in PP_CONFIG_PATH)
     pp-service.json   which app and entry owns the directory (how setlive finds its own)
@@ -120,11 +120,23 @@ exec chpst -u {shlex.quote(run_as)} -e {shlex.quote(str(env_dir))} {shlex.quote(
 
 
 def log_script(app: str, run_as: str, log_dir: Path) -> bytes:
-    quoted = shlex.quote(str(log_dir))
+    """``log/run``: svlogd as ``run_as`` in ``log_dir``, a directory ``run_as`` owns.
+
+    svlogd obeys a ``config`` file in its directory, which can name a program it runs
+    on every rotation, and writes through links it finds there. So a directory that
+    belongs to anyone else (``run_as`` changed; a link only root could have put in the
+    root-owned log root) is set aside, never handed over: the previous user's files
+    never steer a logger that now runs as someone else, root included.
+    """
+    d = shlex.quote(str(log_dir))
+    user = shlex.quote(run_as)
     return f"""#!/bin/sh
 # Written by pp-setlive for app {app}; rewritten on every change: do not edit.
-mkdir -p {quoted} && chown {shlex.quote(run_as)}: {quoted} || exit 111
-exec chpst -u {shlex.quote(run_as)} svlogd -tt {quoted}
+if [ -L {d} ] || {{ [ -e {d} ] && [ "$(stat -c %u {d})" != "$(id -u {user})" ]; }}; then
+    mv -T {d} {d}.old-"$(date +%s)" || exit 111
+fi
+mkdir -p {d} && chown {user}: {d} || exit 111
+exec chpst -u {user} svlogd -tt {d}
 """.encode()
 
 

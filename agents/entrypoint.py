@@ -1,21 +1,25 @@
 """What every agent's command line shares: the common flags and the start-up.
 
-Each agent's ``__main__`` adds its own options with click and calls ``run``.
+Each agent's ``__main__`` adds its own options with click and calls ``run`` with a
+``build(store, stop)`` that makes its agent: ``stop`` is the process's one stop
+event, set on SIGTERM, which the agent's long steps (downloads, health gates)
+watch and the runtime shares.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import structlog
+import tenacity
 
-from agents import logs
+from agents import backoff, logs
 from agents.runtime import Agent, Runtime, RuntimeOptions
 from intent import keys
 from intent.model import is_safe_name
@@ -31,6 +35,7 @@ class CommonOptions:
     node: str
     once: bool
     resync_interval: float
+    store_retry_max: float
     log_format: logs.LogFormat
 
 
@@ -80,6 +85,11 @@ def common_options(command: F) -> F:
                      help="Converge one pass and exit: 0 when converged, 1 otherwise."),
         click.option("--resync-interval", type=click.FloatRange(min=1), default=60.0,
                      show_default=True, help="Seconds between full resyncs (jittered)."),
+        click.option("--store-retry-max", type=click.FloatRange(min=0.5),
+                     default=backoff.DEFAULT_STORE_RETRY_MAX_S, show_default=True,
+                     help="Longest wait, in seconds, before trying an unreachable store "
+                     "again; each wait is random up to it, so a fleet reconnecting after "
+                     "a store restart spreads its load over that many seconds."),
         click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
                      default="auto", show_default=True),
     ]  # fmt: skip
@@ -95,6 +105,7 @@ def pop_common(params: dict[str, Any]) -> CommonOptions:
         node=params.pop("node"),
         once=params.pop("once"),
         resync_interval=params.pop("resync_interval"),
+        store_retry_max=params.pop("store_retry_max"),
         log_format=params.pop("log_format"),
     )
 
@@ -105,28 +116,31 @@ def fail(message: str) -> NoReturn:
 
 
 def _open_store(common: CommonOptions) -> IntentStore:
-    """Open the store, waiting for it (logged once) unless ``--once``: an agent that
-    cannot converge keeps trying and says why."""
-    delay = 1.0
-    logged = False
-    while True:
-        try:
-            return open_store(common.store, common.prefix, create=False)
-        except StoreUnavailable as exc:
-            if common.once:
-                fail(str(exc))
-            if not logged:
-                structlog.get_logger().warning("store.unreachable", error=str(exc))
-                logged = True
-        except StoreError as exc:
-            fail(str(exc))
-        time.sleep(delay)
-        delay = min(delay * 2, 30.0)
+    """Open the store, waiting for it (logged once, retried as the runtime retries an
+    unreachable store) unless ``--once``: an agent that cannot converge keeps trying
+    and says why."""
+
+    def log_once(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1 and state.outcome is not None:
+            error = state.outcome.exception()
+            structlog.get_logger().warning("store.unreachable", error=str(error))
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(StoreUnavailable),
+        wait=backoff.store_retry(common.store_retry_max),
+        stop=tenacity.stop_after_attempt(1) if common.once else tenacity.stop_never,
+        before_sleep=log_once,
+        reraise=True,
+    )
+    try:
+        return retrying(open_store, common.store, common.prefix, create=False)
+    except StoreError as exc:
+        fail(str(exc))
 
 
 def run(
     common: CommonOptions,
-    build: Callable[[IntentStore], Agent],
+    build: Callable[[IntentStore, threading.Event], Agent],
     max_parallel: int = 1,
 ) -> NoReturn:
     """Open the store, build the agent and run its loop; exit with its code."""
@@ -134,7 +148,8 @@ def run(
     logs.configure(common.log_format)
     logs.always(node=common.node)
     store = _open_store(common)
-    agent = build(store)
+    stop = threading.Event()
+    agent = build(store, stop)
     logs.always(agent=agent.name)
     runtime = Runtime(
         agent,
@@ -144,7 +159,9 @@ def run(
             once=common.once,
             resync_interval_s=common.resync_interval,
             max_parallel=max_parallel,
+            store_retry_max_s=common.store_retry_max,
         ),
+        stop=stop,
     )
     runtime.install_signal_handlers()
     structlog.get_logger().info("agent.starting", store=common.store)

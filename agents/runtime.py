@@ -1,16 +1,29 @@
-"""The loop every agent shares: watch -> observe -> plan -> apply -> report.
+"""The loop every agent shares: watch -> queue -> converge -> report.
 
 An agent supplies ``converge`` for one app (its own observe/plan/apply) and,
 optionally, how to find and remove apps that are no longer assigned. The
-runtime owns everything else, identically for every agent:
+runtime owns everything else, identically for every agent::
 
-- each app is converged on its own: one app's bad intent or failed fetch never
-  blocks another, and its retries back off exponentially with jitter;
+    wake ──► read the node's intent ──► queue the apps whose intent changed
+     ▲        (every app on a resync)       │
+     │                                      ▼
+     └── report each outcome ◄── workers converge one app each (agents/workqueue.py)
+
+- wake-ups: the store's watch sees a change (or sees the store come back), a
+  resync is due (jittered) or asked for with SIGHUP, an app's retry comes due;
+- each app is converged on its own, by one worker at a time; anything asked for
+  while it converges (new intent, a resync, a retry) converges it again right
+  after, and its failures back off exponentially with jitter (agents/backoff.py);
 - invalid intent holds the last valid intent seen for that app: nothing is
   removed or stopped because of it, and the error is reported in ``reality/``;
 - an unreachable store leaves the host as it is and is logged once per change;
-- a jittered full resync repairs drift made by hand even when intent is idle;
-- SIGTERM stops between steps, SIGHUP forces a resync.
+  it is probed again after a short, capped, jittered delay, and reports that
+  could not be written are written when it is back;
+- a pass that fails in any way (even an unexpected exception while reading
+  intent) holds everything and is retried; it never ends the agent;
+- SIGTERM sets the agent's one stop event: agents end their current step, the
+  runtime starts nothing new and exits, waiting at most ``stop_grace_s`` for a
+  step that ignores it (a kill at any point is safe by every agent's contract).
 """
 
 from __future__ import annotations
@@ -18,17 +31,18 @@ from __future__ import annotations
 import abc
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, ClassVar
 
 import structlog
-import tenacity
 
+from agents import backoff
+from agents.workqueue import WorkQueue
 from intent.model import Reality, Status, is_safe_name
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable
 from intent.store.kv import WatchToken
@@ -57,26 +71,36 @@ class Outcome:
 
 
 class Agent(abc.ABC):
-    """One agent's view of its own slice of the host."""
+    """One agent's view of its own slice of the host.
+
+    The runtime calls ``begin_pass`` with every app's intent, then ``converge`` for
+    each app that is due, then ``unmanaged``/``remove``. An agent may do its work
+    per app in ``converge``, or for the whole node at once in ``begin_pass`` (when
+    the work is one transaction, like a firewall restore) and let ``converge`` and
+    ``remove`` only report what that pass did for each app.
+    """
 
     name: ClassVar[str]
 
     converges_in_background: ClassVar[bool] = False
-    """Let one app's slow converge (a download, a health gate) run on across passes, so
-    new intent for the other apps is not held up by it. Only for agents whose
-    ``converge`` may overlap the next pass's ``begin_pass``, ``unmanaged`` and ``remove``
-    (for other apps)."""
+    """Converge apps on worker threads that run on across passes, so one app's slow
+    converge (a download, a health gate) does not hold up new intent for the others.
+    Only for agents whose ``converge`` may overlap the next pass's ``begin_pass``,
+    ``unmanaged`` and ``remove`` (for other apps). Otherwise each pass converges the
+    apps due and finishes before the next pass begins."""
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first pass (e.g. to clean up after a crash)."""
 
     def begin_pass(self, intents: Mapping[str, AppIntent]) -> None:  # noqa: B027
-        """Called with every app's effective intent before a pass, for agents whose
-        decisions span apps (port conflicts, download concurrency)."""
+        """Called with every app's effective intent before each pass: for decisions
+        that span apps (port conflicts, shared basedirs), or to converge the whole
+        node at once. An exception fails the pass; the apps still converge."""
 
     @abc.abstractmethod
     def converge(self, intent: AppIntent) -> Outcome:
-        """Make this host match one app's valid intent. Must be idempotent."""
+        """Make this host match one app's valid intent. Must be idempotent, and should
+        end its current step soon after the stop event it was given is set."""
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         """Apps this agent finds on the host that are not in ``assigned``."""
@@ -97,15 +121,23 @@ class RuntimeOptions:
     backoff_max_s: float = 60.0
     converging_retry_s: float = 2.0
     watch_timeout_s: float = 30.0
+    store_retry_max_s: float = backoff.DEFAULT_STORE_RETRY_MAX_S
+    """The cap of the jittered delay between attempts to reach an unreachable store."""
+    stop_grace_s: float = 5.0
+    """How long a stopping agent waits for a converge step that ignores the stop."""
 
 
 @dataclass
 class _AppState:
+    """What the runtime knows of one assigned app (guarded by ``lock``)."""
+
     last_good: AppIntent | None = None
-    attempted: AppIntent | None = None
-    intent_error: bool = False
-    failures: int = 0
-    next_attempt: float = 0.0
+    intent_error: str | None = None
+    outcome: Outcome | None = None
+    """The last converge's outcome (None: not converged since the agent started)."""
+    report_pending: bool = False
+    """The last report could not be written (store unreachable): write it when back."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Runtime:
@@ -115,143 +147,164 @@ class Runtime:
         store: IntentStore,
         options: RuntimeOptions,
         clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``stop`` is the process's one stop event, shared with the agent so a
+        SIGTERM ends its long steps too; a new one when not given."""
         self.agent = agent
         self.store = store
         self.options = options
         self.clock = clock
+        self.stop_event = stop if stop is not None else threading.Event()
         self.log = structlog.get_logger().bind(agent=agent.name, node=options.node)
-        self._apps: dict[str, _AppState] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        """Set while ``run`` loops with an agent that converges in the background."""
-        self._inflight: dict[str, Future[Outcome | None]] = {}
-        self._store_reachable: bool | None = None
-        self._last_report_error: str | None = None
-        self._store_failures = 0
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._resync_requested = False
-        self._backoff = tenacity.wait_exponential_jitter(
-            initial=options.backoff_initial_s, max=options.backoff_max_s
+        self.backoff = backoff.calculator(
+            backoff.app_retry(options.backoff_initial_s, options.backoff_max_s)
         )
+        """Seconds an app waits after ``n`` consecutive failed converges."""
+        self._store_retry = backoff.calculator(backoff.store_retry(options.store_retry_max_s))
+        self._queue: WorkQueue[str] = WorkQueue(self.backoff, clock)
+        self._apps: dict[str, _AppState] = {}
+        self._apps_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._resync_requested = False
+        self._state_lock = threading.Lock()
+        self._store_reachable: bool | None = None
+        self._store_failures = 0
+        self._last_report_error: str | None = None
+        self._last_pass_error: str | None = None
+        self._signals: socket.socket | None = None
 
     # -- one pass -------------------------------------------------------------------------
 
     def run_pass(self, force: bool = False) -> bool:
-        """Converge every app that is due; True when the whole node is converged."""
+        """One pass in the caller's thread: queue what is due, converge it (up to
+        ``max_parallel`` at a time), report, remove what is no longer assigned.
+        True when the whole node is converged."""
+        return self._pass(force, drain=True)
+
+    def _pass(self, force: bool, drain: bool) -> bool:
         try:
             intents = self.store.apps_for_node(self.options.node)
         except StoreError as exc:
             self._store_state(False, exc)
             return False
+        except Exception as exc:  # e.g. a RecursionError from a hostile value: hold all
+            self._pass_failed("intent.read_failed", exc)
+            return False
         self._store_state(True)
+        self._last_pass_error = None
 
-        effective = self._effective_intents(intents)
+        effective, changed = self._take_intents(intents)
         try:
             self.agent.begin_pass(effective)
             pass_ok = True
         except Exception:  # the per-app steps still run and report what they can
             self.log.exception("pass.crashed")
             pass_ok = False
-        now = self.clock()
-        due = [
-            app
-            for app, intent in effective.items()
-            if app not in self._inflight
-            and (force or self._changed(app, intent) or self._retry_due(app, now))
-        ]
-        outcomes = self._converge_apps({app: effective[app] for app in due})
+        for app in effective if force else changed:
+            self._queue.add(app)
+        if drain:
+            self._drain()
 
-        all_converged = pass_ok and not self._inflight
+        all_converged = pass_ok
         for intent in intents:
-            state = self._apps[intent.app]
-            outcome = outcomes.get(intent.app)
-            if outcome is not None:
-                self._schedule(intent.app, outcome)
             if not is_safe_name(intent.app):
                 # Never a key or a path: say so in the log, where the operator can see it.
                 all_converged = False
                 self.log.error("intent.invalid_app_name", error=intent.error)
-            elif intent.error is not None:
-                all_converged = False
-                held = (
-                    state.last_good.config.active_version
-                    if state.last_good and state.last_good.config
-                    else None
-                )
-                self._report(
-                    intent.app,
-                    Outcome.failed(intent.error, held, held_last_good=state.last_good is not None),
-                )
-            elif outcome is not None:
-                self._report(intent.app, outcome)
-                all_converged &= outcome.status == "converged"
-            else:
-                all_converged = False  # in backoff: not converged yet
+                continue
+            state = self._state(intent.app)
+            if state is None:
+                continue
+            if intent.error is not None or state.report_pending:
+                self._publish(intent.app, state)
+            all_converged &= (
+                intent.error is None
+                and state.outcome is not None
+                and state.outcome.status == "converged"
+                and not self._queue.pending(intent.app)
+            )
 
         # An app converging in the background is not removed under its converge.
-        assigned = {i.app for i in intents} | set(self._inflight)
+        assigned = {i.app for i in intents} | self._queue.processing()
         return self._remove_unassigned(assigned, force) and all_converged
 
-    def _effective_intents(self, intents: list[AppIntent]) -> dict[str, AppIntent]:
-        effective = {}
-        for intent in intents:
-            state = self._apps.setdefault(intent.app, _AppState())
-            if intent.valid and state.intent_error:
-                state.attempted = None  # fixed intent: converge and report it at once
-            state.intent_error = intent.error is not None
-            if intent.valid:
-                state.last_good = intent
-            if state.last_good is not None:
-                effective[intent.app] = state.last_good
-        for gone in set(self._apps) - {i.app for i in intents} - set(self._inflight):
-            del self._apps[gone]
-        return effective
+    def _take_intents(self, intents: list[AppIntent]) -> tuple[dict[str, AppIntent], list[str]]:
+        """Record the new intent; returns each app's effective intent (the last valid
+        one) and the apps whose effective intent changed or was just fixed."""
+        effective: dict[str, AppIntent] = {}
+        changed: list[str] = []
+        with self._apps_lock:
+            for intent in intents:
+                state = self._apps.setdefault(intent.app, _AppState())
+                with state.lock:
+                    if intent.valid and (state.last_good != intent or state.intent_error):
+                        changed.append(intent.app)  # new intent, or fixed: converge and report it
+                        state.last_good = intent
+                    state.intent_error = intent.error
+                    if state.last_good is not None:
+                        effective[intent.app] = state.last_good
+            for gone in set(self._apps) - {i.app for i in intents}:
+                del self._apps[gone]
+                self._queue.discard(gone)
+        return effective, changed
 
-    def _retry_due(self, app: str, now: float) -> bool:
-        """Converged apps wait for a change or a resync; the others retry on schedule."""
-        next_attempt = self._apps[app].next_attempt
-        return bool(next_attempt) and now >= next_attempt
+    def _state(self, app: str) -> _AppState | None:
+        with self._apps_lock:
+            return self._apps.get(app)
 
-    def _changed(self, app: str, intent: AppIntent) -> bool:
-        return self._apps[app].attempted != intent
+    # -- converging -------------------------------------------------------------------------
 
-    def _converge_apps(self, intents: Mapping[str, AppIntent]) -> dict[str, Outcome]:
-        """Converge each app; apps not started before a stop request are left for later."""
-        for app, intent in intents.items():
-            self._apps[app].attempted = intent
-        if self._pool is not None:
-            return self._converge_in_background(self._pool, intents)
-        if len(intents) <= 1 or self.options.max_parallel <= 1:
-            outcomes = {app: self._converge_one(intent) for app, intent in intents.items()}
-        else:
-            with ThreadPoolExecutor(self.options.max_parallel) as pool:
-                futures = {app: pool.submit(self._converge_one, i) for app, i in intents.items()}
-                outcomes = {app: future.result() for app, future in futures.items()}
-        return {app: outcome for app, outcome in outcomes.items() if outcome is not None}
+    def _drain(self) -> None:
+        """Converge every app queued and ready, ``max_parallel`` at a time, before
+        returning; apps not started before a stop request are left for later."""
 
-    def _converge_in_background(
-        self, pool: ThreadPoolExecutor, intents: Mapping[str, AppIntent]
-    ) -> dict[str, Outcome]:
-        """Start ``intents`` and return the outcomes of every converge finished so far."""
-        for app, intent in intents.items():
-            future = pool.submit(self._converge_one, intent)
-            future.add_done_callback(lambda _: self._wake.set())  # report it promptly
-            self._inflight[app] = future
-        finished = {app: f for app, f in self._inflight.items() if f.done()}
-        outcomes = {}
-        for app, future in finished.items():
-            del self._inflight[app]
-            outcome = future.result()
-            if outcome is None:
-                self._apps[app].attempted = None  # not started before a stop: due again
+        def work() -> None:
+            while not self.stop_event.is_set() and (app := self._queue.get(timeout=0)):
+                self._process(app)
+
+        workers = min(self.options.max_parallel, len(self._queue))
+        if workers <= 1:
+            work()
+            return
+        threads = [threading.Thread(target=work, name=f"app-{n}") for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _work(self) -> None:
+        """A background worker: converge apps as they come due, until stopped."""
+        while (app := self._queue.get()) is not None:
+            self._process(app)
+
+    def _process(self, app: str) -> None:
+        """Converge ``app`` with its latest effective intent, report the outcome and
+        schedule its next turn."""
+        try:
+            state = self._state(app)
+            intent = state.last_good if state is not None else None
+            if state is None or intent is None or self.stop_event.is_set():
+                return  # unassigned meanwhile, or stopping: not started, so due again later
+            outcome = self._converge_one(intent)
+            with state.lock:
+                state.outcome = outcome
+            if outcome.status == "converged":
+                self._queue.forget(app)
+            elif outcome.status == "converging":
+                self._queue.add_after(app, self.options.converging_retry_s)
             else:
-                outcomes[app] = outcome
-        return outcomes
+                self._queue.add_rate_limited(app)
+            if self._state(app) is state:
+                self._publish(app, state)
+        except Exception:  # a bug here must not end a worker
+            self.log.exception("converge.report_crashed", app=app)
+        finally:
+            self._queue.done(app)
+            if self._state(app) is None:
+                self._wake.set()  # no longer assigned: the loop removes it now
 
-    def _converge_one(self, intent: AppIntent) -> Outcome | None:
-        if self._stopping.is_set():
-            return None  # not done: due again after a restart
+    def _converge_one(self, intent: AppIntent) -> Outcome:
         log = self.log.bind(app=intent.app)
         started = time.monotonic()
         try:
@@ -270,23 +323,7 @@ class Runtime:
         )
         return outcome
 
-    def _schedule(self, app: str, outcome: Outcome) -> None:
-        state = self._apps[app]
-        now = self.clock()
-        if outcome.status == "converged":
-            state.failures, state.next_attempt = 0, 0.0
-        elif outcome.status == "converging":
-            state.next_attempt = now + self.options.converging_retry_s
-        else:
-            state.failures += 1
-            state.next_attempt = now + self.backoff(state.failures)
-
-    def backoff(self, failures: int) -> float:
-        """Seconds to wait after ``failures`` consecutive failures (tenacity's
-        exponential backoff with jitter, used as a calculator)."""
-        retry_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        retry_state.attempt_number = failures
-        return float(self._backoff(retry_state))
+    # -- removal ----------------------------------------------------------------------------
 
     def _remove_unassigned(self, assigned: set[str], resync: bool = False) -> bool:
         try:
@@ -356,7 +393,26 @@ class Runtime:
         self.log.info(f"remove.{outcome.status}", app=app, error=outcome.error)
         return outcome
 
-    def _report(self, app: str, outcome: Outcome) -> None:
+    # -- reports: the one path to reality/ ---------------------------------------------------
+
+    def _publish(self, app: str, state: _AppState) -> None:
+        """Report what the runtime knows of ``app``: the intent's error (with the version
+        held) while its intent is invalid, else the last converge's outcome. Under the
+        app's lock, so the last report written is always the latest state."""
+        with state.lock:
+            if state.intent_error is not None:
+                held = state.last_good
+                version = held.config.active_version if held and held.config else None
+                outcome: Outcome | None = Outcome.failed(
+                    state.intent_error, version, held_last_good=held is not None
+                )
+            else:
+                outcome = state.outcome
+            if outcome is not None:
+                state.report_pending = not self._report(app, outcome)
+
+    def _report(self, app: str, outcome: Outcome) -> bool:
+        """Write one report; False when the store was unreachable (write it later)."""
         report = Reality(
             node=self.options.node,
             agent=self.agent.name,
@@ -366,106 +422,178 @@ class Runtime:
             error=outcome.error,
             details=outcome.details,
         )
-        self._quietly(lambda: self.store.write_reality(report))
+        return self._quietly(lambda: self.store.write_reality(report))
 
-    def _quietly(self, write: Callable[[], None]) -> None:
-        """Reality is best effort: a store outage must not stop convergence."""
+    def _quietly(self, write: Callable[[], None]) -> bool:
+        """Reality is best effort: a store outage must not stop convergence. False when
+        the store was unreachable."""
         try:
             write()
         except StoreUnavailable as exc:
             self._store_state(False, exc)
+            return False
         except StoreError as exc:  # e.g. an ACL that denies this node's reality keys
-            if str(exc) != self._last_report_error:
+            with self._state_lock:
+                first = str(exc) != self._last_report_error
                 self._last_report_error = str(exc)
+            if first:
                 self.log.error("reality.write_failed", error=str(exc))
+        return True
 
     def _store_state(self, reachable: bool, error: Exception | None = None) -> None:
         """Log store outages once per change, not once per attempt."""
-        if reachable:
-            self._store_failures = 0
-        else:
-            self._store_failures += 1
-        if reachable == self._store_reachable:
-            return
-        self._store_reachable = reachable
+        with self._state_lock:
+            self._store_failures = 0 if reachable else self._store_failures + 1
+            if reachable == self._store_reachable:
+                return
+            self._store_reachable = reachable
         if reachable:
             self.log.info("store.reachable")
         else:
             self.log.warning("store.unreachable", error=str(error), holding="current state")
+            self._wake.set()  # the loop now probes the store on the short schedule
+
+    def _pass_failed(self, event: str, exc: Exception) -> None:
+        """A pass raised what it never should (reading intent, or a bug): log it once
+        per distinct error, with its traceback, hold everything and try again on the
+        store's short schedule."""
+        with self._state_lock:
+            self._store_failures += 1
+            first = repr(exc) != self._last_pass_error
+            self._last_pass_error = repr(exc)
+        if first:
+            self.log.error(
+                event,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                holding="current state",
+                exc_info=exc,
+            )
 
     # -- the loop -------------------------------------------------------------------------
 
     def stop(self) -> None:
-        self._stopping.set()
+        """Stop the agent: no new converge starts; steps in progress see the event."""
+        self.stop_event.set()
+        self._queue.shut_down()
         self._wake.set()
 
     def request_resync(self) -> None:
+        """Converge every app again (SIGHUP), including one converging right now."""
         self._resync_requested = True
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        def on_term(signum: int, frame: FrameType | None) -> None:
-            self.log.info("agent.stopping", signal=signum)
-            self.stop()
+        """SIGTERM and SIGINT stop the agent, SIGHUP asks for a resync.
 
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            self.request_resync()
+        Python runs a handler in the main thread between any two bytecodes, even while
+        that thread holds a lock (an Event's, the log's), so a handler that takes one
+        can deadlock the agent. The handlers here do nothing: the C-level handler
+        writes each signal's number to a socket (``signal.set_wakeup_fd``) and a
+        thread of ours acts on it. Call from the main thread."""
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._signals = writer  # kept open for the life of the process
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, _ignore)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(
+            target=self._handle_signals, args=(reader,), name="signals", daemon=True
+        ).start()
 
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
+    def _handle_signals(self, reader: socket.socket) -> None:
+        while received := reader.recv(64):
+            for signum in received:
+                if signum == signal.SIGHUP:
+                    self.log.info("agent.resync_requested", signal=signum)
+                    self.request_resync()
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    self.log.info("agent.stopping", signal=signum)
+                    self.stop()
 
     def run(self) -> int:
         """Run until stopped (or one pass with ``once``); returns the exit code."""
         self.agent.start()
         if self.options.once:
             return 0 if self.run_pass(force=True) else 1
-        watcher = threading.Thread(target=self._watch, name="intent-watch", daemon=True)
-        watcher.start()
-        if self.agent.converges_in_background:
-            self._pool = ThreadPoolExecutor(self.options.max_parallel, thread_name_prefix="app")
+        threading.Thread(target=self._watch, name="intent-watch", daemon=True).start()
+        # Daemon threads: a step that ignores the stop must not keep the process alive.
+        workers = [
+            threading.Thread(target=self._work, name=f"app-{n}", daemon=True)
+            for n in range(self.options.max_parallel if self.agent.converges_in_background else 0)
+        ]
+        for worker in workers:
+            worker.start()
         try:
-            self._loop()
+            self._loop(drain=not workers)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)  # converges in flight finish their step
-                self._pool = None
+            self.stop()
+            self._join(workers)
         self.log.info("agent.stopped")
         return 0
 
-    def _loop(self) -> None:
+    def _join(self, workers: list[threading.Thread]) -> None:
+        """Let converges in progress end their step, within ``stop_grace_s``."""
+        deadline = time.monotonic() + self.options.stop_grace_s
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if abandoned := sorted(self._queue.processing()):
+            self.log.warning(
+                "agent.stop_abandoned", apps=abandoned, grace_s=self.options.stop_grace_s
+            )
+
+    def _loop(self, drain: bool) -> None:
         next_resync = self.clock()
-        while not self._stopping.is_set():
+        while not self.stop_event.is_set():
+            self._wake.clear()
             now = self.clock()
             force = self._resync_requested or now >= next_resync
-            self._wake.clear()
             if force:
                 self._resync_requested = False
                 next_resync = now + self.options.resync_interval_s * random.uniform(0.8, 1.2)
-            self.run_pass(force=force)
-            if self._stopping.is_set():
+            try:
+                self._pass(force, drain)
+            except Exception as exc:  # a bug in one pass must not end the agent
+                self._pass_failed("pass.crashed", exc)
+            if self.stop_event.is_set():
                 break
-            self._wake.wait(self._sleep_until(next_resync) - self.clock())
+            self._wake.wait(max(0.0, self._next_wake(next_resync, drain) - self.clock()))
 
-    def _sleep_until(self, next_resync: float) -> float:
-        """The next moment something is due: a resync, an app's retry, a store retry."""
-        deadlines = [next_resync] + [s.next_attempt for s in self._apps.values() if s.next_attempt]
-        if self._store_reachable is False:
-            deadlines.append(self.clock() + self.backoff(self._store_failures))
+    def _next_wake(self, next_resync: float, drain: bool) -> float:
+        """The next moment something is due: a resync, a retry the loop converges
+        itself, another try at a store that failed."""
+        deadlines = [next_resync]
+        if drain and (ready := self._queue.next_ready()) is not None:
+            deadlines.append(ready)
+        with self._state_lock:
+            failures = self._store_failures
+        if failures:
+            deadlines.append(self.clock() + self._store_retry(failures))
         return min(deadlines)
 
     def _watch(self) -> None:
-        """Wake the loop when this node's intent changes (blocking store waits)."""
+        """Wake the loop when this node's intent changes (blocking store waits), and
+        as soon as the store answers again after failing."""
         token: WatchToken | None = None
         failures = 0
-        while not self._stopping.is_set():
+        while not self.stop_event.is_set():
             try:
-                new = self.store.watch_node(self.options.node, token, self.options.watch_timeout_s)
-            except StoreError:
+                # After a failure, an immediate read: the store's return is news itself.
+                new = self.store.watch_node(
+                    self.options.node, None if failures else token, self.options.watch_timeout_s
+                )
+            except Exception as exc:
+                if not isinstance(exc, StoreError):
+                    self.log.exception("watch.crashed")
                 failures += 1
-                self._stopping.wait(self.backoff(failures))
+                self.stop_event.wait(self._store_retry(failures))
                 continue
-            failures = 0
-            if token is not None and new != token:
+            # A first read (at start, or after a failure) may come after the loop read
+            # intent, and what changed in between would go unseen: wake for it too.
+            if token is None or failures or new != token or self._store_reachable is False:
                 self._wake.set()
+            failures = 0
             token = new
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """See ``Runtime.install_signal_handlers``: the work happens on another thread."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,55 @@ class RecordingAgent(Agent):
         return Outcome.converged()
 
 
+class Gated(RecordingAgent):
+    """Converges in the background; ``hold[app]`` keeps that app's converge in flight
+    until set (``looping`` sets every one on its way out)."""
+
+    converges_in_background = True
+
+    def __init__(self, *held: str) -> None:
+        super().__init__()
+        self.hold = {app: threading.Event() for app in held}
+        self.started: set[str] = set()
+
+    def converge(self, intent: AppIntent) -> Outcome:
+        self.started.add(intent.app)
+        if gate := self.hold.get(intent.app):
+            gate.wait(20)
+        return super().converge(intent)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+
+@contextlib.contextmanager
+def looping(rt: Runtime) -> Iterator[threading.Thread]:
+    """``rt.run`` on a thread; on the way out held converges are released, the loop is
+    stopped, and it must have ended."""
+    loop = threading.Thread(target=rt.run)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        for gate in getattr(rt.agent, "hold", {}).values():
+            gate.set()
+        rt.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+
+
+def eventually(predicate: Callable[[], object], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.fixture
@@ -87,6 +131,12 @@ def converged_on(kv: SqliteStore) -> tuple[IntentStore, RecordingAgent, Runtime]
 def status_of(store: IntentStore, app: str) -> tuple[str, str | None, str | None]:
     (report,) = store.reality(node=NODE, app=app)
     return report.status, report.version, report.error
+
+
+def reported(store: IntentStore, app: str) -> tuple[str, str | None, str | None] | None:
+    """The app's report, or None while there is none (for waiting on it)."""
+    reports = store.reality(node=NODE, app=app)
+    return status_of(store, app) if reports else None
 
 
 def test_a_pass_converges_every_assigned_app_and_reports_it(store: IntentStore) -> None:
@@ -259,40 +309,21 @@ def test_the_loop_wakes_on_an_intent_change_and_stops_on_request(store: IntentSt
     put_app(store, "hello")
     agent = RecordingAgent()
     rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600))
-    loop = threading.Thread(target=rt.run)
-    loop.start()
-    try:
-        deadline = time.monotonic() + 10
-        while ("hello", "1.0") not in agent.converged and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with looping(rt):
+        assert eventually(lambda: ("hello", "1.0") in agent.converged)
         put_app(store, "hello", "2.0")
-        while ("hello", "2.0") not in agent.converged and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ("hello", "2.0") in agent.converged
-    finally:
-        rt.stop()
-        loop.join(10)
-    assert not loop.is_alive()
+        assert eventually(lambda: ("hello", "2.0") in agent.converged)
 
 
 def test_a_resync_request_converges_again_without_an_intent_change(store: IntentStore) -> None:
     put_app(store, "hello")
     agent = RecordingAgent()
     rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600))
-    loop = threading.Thread(target=rt.run)
-    loop.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not agent.converged and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with looping(rt):
+        assert eventually(lambda: agent.converged)
         agent.on_host.clear()  # drift made by hand
         rt.request_resync()
-        while "hello" not in agent.on_host and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "hello" in agent.on_host
-    finally:
-        rt.stop()
-        loop.join(10)
+        assert eventually(lambda: "hello" in agent.on_host)
 
 
 class HidingKV(SqliteStore):
@@ -403,44 +434,20 @@ def test_agents_refuse_to_start_an_empty_embedded_store(tmp_path: Path) -> None:
 
 
 def test_a_slow_converge_does_not_hold_up_new_intent_for_other_apps(store: IntentStore) -> None:
-    class Slow(RecordingAgent):
-        converges_in_background = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.release = threading.Event()
-
-        def converge(self, intent: AppIntent) -> Outcome:
-            if intent.app == "slow":
-                self.release.wait(20)  # a long download or health gate
-            return super().converge(intent)
-
     put_app(store, "slow")
     put_app(store, "fast")
-    agent = Slow()
+    agent = Gated("slow")  # a long download or health gate
     options = RuntimeOptions(node=NODE, resync_interval_s=3600, max_parallel=2)
     rt = Runtime(agent, store, options)
-    loop = threading.Thread(target=rt.run)
-    loop.start()
-    try:
-        deadline = time.monotonic() + 10
-        while ("fast", "1.0") not in agent.converged and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with looping(rt):
+        assert eventually(lambda: ("fast", "1.0") in agent.converged)
         put_app(store, "fast", "2.0")  # new intent while "slow" is still converging
-        while ("fast", "2.0") not in agent.converged and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ("fast", "2.0") in agent.converged
+        assert eventually(lambda: ("fast", "2.0") in agent.converged)
         assert status_of(store, "fast") == ("converged", "2.0", None)
         assert not any(app == "slow" for app, _ in agent.converged)
-        agent.release.set()
-        while not store.reality(node=NODE, app="slow") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        agent.hold["slow"].set()
+        assert eventually(lambda: store.reality(node=NODE, app="slow"))
         assert status_of(store, "slow") == ("converged", "1.0", None)
-    finally:
-        agent.release.set()
-        rt.stop()
-        loop.join(10)
-    assert not loop.is_alive()
 
 
 def test_a_resync_clears_a_report_left_by_an_agent_that_died_mid_removal(
@@ -463,3 +470,180 @@ def test_a_resync_clears_a_report_left_by_an_agent_that_died_mid_removal(
     assert [(r.agent, r.app) for r in store.reality(node=NODE, app="hello")] == [
         ("someone-else", "hello")
     ]
+
+
+def hello_in_flight(store: IntentStore) -> tuple[Gated, Runtime]:
+    """App hello assigned, and a looping runtime whose converge of it is held."""
+    put_app(store, "hello")
+    agent = Gated("hello")
+    return agent, Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600))
+
+
+def test_a_resync_asked_for_during_an_apps_converge_converges_it_again(
+    store: IntentStore,
+) -> None:
+    agent, rt = hello_in_flight(store)
+    with looping(rt):
+        assert eventually(lambda: "hello" in agent.started)
+        rt.request_resync()  # while the first converge is still in flight
+        time.sleep(0.2)  # the loop has taken it: nothing may start beside the first
+        assert agent.converged == []
+        agent.hold["hello"].set()
+        assert eventually(lambda: len(agent.converged) == 2), agent.converged
+
+
+def test_new_intent_during_an_apps_converge_is_converged_right_after(
+    store: IntentStore,
+) -> None:
+    agent, rt = hello_in_flight(store)
+    with looping(rt):
+        assert eventually(lambda: "hello" in agent.started)
+        put_app(store, "hello", "2.0")
+        put_app(store, "hello", "3.0")
+        time.sleep(0.2)
+        agent.hold["hello"].set()
+        assert eventually(lambda: reported(store, "hello") == ("converged", "3.0", None))
+    # The versions written meanwhile collapse into one converge of the latest.
+    assert agent.converged == [("hello", "1.0"), ("hello", "3.0")]
+
+
+class RaisingKV(SqliteStore):
+    """A store whose listing raises what no store should (a hostile nested value)."""
+
+    error: BaseException | None = None
+
+    def list(self, prefix: str) -> list[Entry]:
+        if self.error is not None:
+            raise self.error
+        return super().list(prefix)
+
+
+def test_any_exception_reading_intent_fails_the_pass_and_holds_everything(
+    tmp_path: Path,
+) -> None:
+    kv = RaisingKV(tmp_path / "intent.db")
+    _, agent, rt = converged_on(kv)
+    kv.error = RecursionError("maximum recursion depth exceeded")
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert rt.run_pass(force=True) is False
+    failures = [e for e in logs if e["event"] == "intent.read_failed"]
+    assert len(failures) == 1  # once per distinct error, not once per pass
+    assert failures[0]["error"].startswith("RecursionError") and failures[0]["exc_info"]
+    assert agent.removed == [] and agent.on_host == {"hello"}
+    assert len(agent.converged) == 1
+    kv.error = None
+    assert rt.run_pass(force=True) is True
+
+
+def test_the_loop_survives_a_failing_read_and_converges_once_it_reads_again(
+    tmp_path: Path,
+) -> None:
+    kv = RaisingKV(tmp_path / "intent.db")
+    store = IntentStore(kv)
+    put_app(store, "hello")
+    kv.error = ValueError("unexpected")
+    agent = RecordingAgent()
+    options = RuntimeOptions(node=NODE, resync_interval_s=3600, store_retry_max_s=0.5)
+    rt = Runtime(agent, store, options)
+    with looping(rt) as loop:
+        time.sleep(0.3)
+        assert loop.is_alive() and agent.converged == []
+        kv.error = None
+        assert eventually(lambda: agent.converged == [("hello", "1.0")])
+
+
+def test_after_a_store_outage_the_agent_converges_what_changed_meanwhile(
+    tmp_path: Path,
+) -> None:
+    kv = UnreachableKV(tmp_path / "intent.db")
+    writer = IntentStore(SqliteStore(tmp_path / "intent.db"))  # the operator's own link
+    put_app(writer, "hello")
+    agent = RecordingAgent()
+    options = RuntimeOptions(node=NODE, resync_interval_s=3600, store_retry_max_s=1)
+    rt = Runtime(agent, IntentStore(kv), options)
+    with looping(rt), capture_logs() as logs:
+        assert eventually(lambda: agent.converged == [("hello", "1.0")])
+        kv.down = True
+        time.sleep(1.5)  # the watch and a few probes fail
+        put_app(writer, "hello", "2.0")
+        time.sleep(0.5)
+        kv.down = False
+        assert eventually(lambda: reported(writer, "hello") == ("converged", "2.0", None))
+    events = [e["event"] for e in logs]
+    assert events.count("store.unreachable") == 1 and events.count("store.reachable") == 2
+    assert agent.removed == []
+
+
+def test_a_report_lost_to_an_outage_is_written_when_the_store_returns(tmp_path: Path) -> None:
+    class Outage(RecordingAgent):
+        kv: UnreachableKV
+
+        def converge(self, intent: AppIntent) -> Outcome:
+            self.kv.down = True  # the store goes away while the app converges
+            return super().converge(intent)
+
+    kv = UnreachableKV(tmp_path / "intent.db")
+    store = IntentStore(kv)
+    put_app(store, "hello")
+    agent = Outage()
+    agent.kv = kv
+    rt = runtime(store, agent)
+    rt.run_pass()
+    kv.down = False
+    assert store.reality(node=NODE) == []
+    rt.run_pass()  # nothing to converge, but the report is owed
+    assert status_of(store, "hello") == ("converged", "1.0", None)
+    assert len(agent.converged) == 1
+
+
+def test_invalid_intent_is_reported_even_when_a_background_converge_ends_after(
+    store: IntentStore,
+) -> None:
+    agent, rt = hello_in_flight(store)
+    with looping(rt):
+        assert eventually(lambda: "hello" in agent.started)
+        store.put_json(keys.config("hello", "prod"), {"versions": "broken"})
+        assert eventually(lambda: store.reality(node=NODE))
+        agent.hold["hello"].set()  # the held converge ends after the error was seen
+        assert eventually(lambda: len(agent.converged) == 1)
+        time.sleep(0.2)
+        status, version, error = status_of(store, "hello")
+    assert (status, version) == ("error", "1.0")
+    assert error is not None and "clusters/hello/prod/config" in error
+
+
+def test_a_stop_never_waits_long_for_a_converge_that_ignores_it(store: IntentStore) -> None:
+    put_app(store, "stuck")
+    agent = Gated("stuck")  # waits for its gate, not for the stop event
+    options = RuntimeOptions(node=NODE, resync_interval_s=3600, stop_grace_s=0.2)
+    rt = Runtime(agent, store, options)
+    with looping(rt) as loop:
+        assert eventually(lambda: "stuck" in agent.started)
+        with capture_logs() as logs:
+            rt.stop()
+            loop.join(10)
+        assert not loop.is_alive()
+    (abandoned,) = [e for e in logs if e["event"] == "agent.stop_abandoned"]
+    assert abandoned["apps"] == ["stuck"]
+
+
+def test_the_stop_event_is_shared_with_the_agent(store: IntentStore) -> None:
+    class Patient(RecordingAgent):
+        converges_in_background = True
+        stop = threading.Event()
+
+        def converge(self, intent: AppIntent) -> Outcome:
+            self.stop.wait(30)  # a long step that watches the stop event
+            return super().converge(intent)
+
+    put_app(store, "hello")
+    agent = Patient()
+    rt = Runtime(agent, store, RuntimeOptions(node=NODE, stop_grace_s=30), stop=agent.stop)
+    with looping(rt) as loop, capture_logs() as logs:
+        time.sleep(0.2)
+        rt.stop()
+        loop.join(10)
+        assert not loop.is_alive()
+    assert "agent.stop_abandoned" not in [e["event"] for e in logs]
+    assert agent.converged == [("hello", "1.0")]  # its step ended, and it reported

@@ -73,7 +73,7 @@ def main(**params: Any) -> None:
         *commands(ipv6, params["iptables_cmd"], params["restore_cmd"], params["save_cmd"])
     )
     agent_class = Ip6tablesAgent if ipv6 else IptablesAgent
-    run(common, lambda store: agent_class(store, common.node, tables))
+    run(common, lambda store, stop: agent_class(store, common.node, tables))
 
 
 if __name__ == "__main__":

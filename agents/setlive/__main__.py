@@ -112,9 +112,8 @@ def main(**params: Any) -> None:
         state_dir=params["state_dir"].absolute(),
     )
     _lock(paths.state_dir)
-    stop = threading.Event()
 
-    def build(store: IntentStore) -> SetliveAgent:
+    def build(store: IntentStore, stop: threading.Event) -> SetliveAgent:
         return SetliveAgent(
             store,
             common.node,
@@ -123,7 +122,6 @@ def main(**params: Any) -> None:
             lease_ttl_s=params["lease_ttl"],
             health_freshness_s=params["health_freshness"],
             stop=stop,
-            handle_signals=True,
             guard_deadline_s=params["guard_deadline"],
         )
 

@@ -11,7 +11,12 @@ import click
 
 from agents import entrypoint
 from agents.pack import artifact_url
-from agents.preparer.agent import Preparer
+from agents.preparer.agent import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_VAR,
+    Preparer,
+    default_state_dir,
+)
 from agents.preparer.apply import Settings
 from agents.system.archive import Limits
 from agents.system.fetch import FetchError, FetchOptions, check_url
@@ -53,6 +58,14 @@ class ByteSize(click.ParamType[int, Any]):
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Directory of Ed25519 public keys: every artifact then needs a detached "
     "<artifact>.sig made by one of them.",
+)
+@click.option(
+    "--state-dir",
+    envvar=STATE_DIR_VAR,
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    show_default=f"{DEFAULT_STATE_DIR} for root, else ~/.local/state/platypus/preparer",
+    help="The preparer's own directory (root's; its per-app locks live there).",
 )
 @click.option(
     "--max-install-bytes",
@@ -139,8 +152,12 @@ def main(**params: Any) -> None:
         trusted_keys=trusted,
     )
 
+    state_dir = (params["state_dir"] or default_state_dir()).absolute()
+
     def build(store: IntentStore, stop: threading.Event) -> Preparer:
-        return Preparer(settings, repo, params["keep_old"], store, common.node, stop=stop)
+        return Preparer(
+            settings, repo, params["keep_old"], store, common.node, state_dir=state_dir, stop=stop
+        )
 
     entrypoint.run(common, build, max_parallel=params["max_parallel"])
 

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import pwd
-import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -25,7 +24,6 @@ from typing import Any
 
 import structlog
 
-from agents import signals
 from agents.pack import artifact_url
 from agents.preparer import apply
 from agents.preparer.observe import observe
@@ -56,7 +54,6 @@ class Preparer(Agent):
         clock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         stop: threading.Event | None = None,
-        handle_signals: bool = False,
     ) -> None:
         self.local_root = file_url.repo_root(repo)
         """Where ``file://`` artifacts may be read: beneath a local --repo, nowhere else."""
@@ -66,7 +63,6 @@ class Preparer(Agent):
         )
         self.stop = stop
         """Set when the agent stops: downloads in flight end within a second or so."""
-        self.handle_signals = handle_signals
         self.state_dir = state_dir if state_dir is not None else default_state_dir()
         """Root's own directory for the per-app locks (never one the apps can open)."""
         self.repo = repo
@@ -78,12 +74,6 @@ class Preparer(Agent):
         self._last_success: dict[str, float] = {}
 
     # -- the runtime's hooks ----------------------------------------------------------------
-
-    def start(self) -> None:
-        """Let SIGTERM (and SIGINT) cut downloads short: runit stopping the preparer must
-        not wait for a stalled server, and a cut download leaves nothing behind."""
-        if self.handle_signals and self.stop is not None:
-            signals.chain_stop(self.stop, signal.SIGTERM, signal.SIGINT)
 
     def begin_pass(self, intents: Mapping[str, AppIntent]) -> None:
         """Two apps in one basedir would share ``current`` and garbage-collect each

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from agents import health, signals
+from agents import health
 from agents.runtime import Agent, Outcome
 from agents.setlive import observe as obs
 from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
@@ -45,7 +45,6 @@ class SetliveAgent(Agent):
         lease_ttl_s: float = 30.0,
         health_freshness_s: float = 180.0,
         stop: threading.Event | None = None,
-        handle_signals: bool = False,
         guard_deadline_s: float | None = None,
     ) -> None:
         self.store = store
@@ -56,7 +55,6 @@ class SetliveAgent(Agent):
         self.lease_ttl_s = lease_ttl_s
         self.health_freshness_s = health_freshness_s
         self.stop = stop
-        self.handle_signals = handle_signals
         self.guard_deadline_s = guard_deadline_s
         self._trackers: dict[str, health.HealthTracker] = {}
         self._probes: dict[str, tuple[str, health.CheckResult]] = {}
@@ -65,11 +63,7 @@ class SetliveAgent(Agent):
     # -- runtime hooks ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Remove what a crash left half-made (temp links and temp service directories)
-        and let SIGTERM cut a health gate short: runit stopping setlive must not wait a
-        whole deadline, and the pending note makes the next setlive finish the gate."""
-        if self.handle_signals and self.stop is not None:
-            signals.chain_stop(self.stop)
+        """Remove what a crash left half-made (temp links and temp service directories)."""
         for directory in (self.paths.runit_dir, self.paths.stage):
             with contextlib.suppress(FileNotFoundError):
                 for entry in directory.iterdir():

@@ -3,7 +3,6 @@ once in-process, where the outcome of a stopped converge can be seen)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -43,15 +42,8 @@ def store(tmp_path: Path) -> IntentStore:
 def command(tmp_path: Path, *extra: str) -> list[str]:
     return [
         PREPARER, "--store", f"sqlite://{tmp_path / 'intent.db'}", "--node", NODE,
-        "--log-format", "json", *_state_dir(tmp_path), *extra,
+        "--log-format", "json", "--state-dir", str(tmp_path / "preparer-state"), *extra,
     ]  # fmt: skip
-
-
-def _state_dir(tmp_path: Path) -> list[str]:
-    """The preparer's own state directory, where it has one: never the host's."""
-    if "state_dir" in inspect.signature(Preparer).parameters:
-        return ["--state-dir", str(tmp_path / "preparer-state")]
-    return []
 
 
 def leftovers(basedir: Path) -> list[str]:
@@ -132,10 +124,9 @@ def test_a_stopped_converge_reports_stopped_and_leaves_nothing_behind(
     stalled(store, stalling, "silent", basedir)
     stop = threading.Event()
     settings = Settings(FetchOptions(timeout_s=60, attempts=3), Limits(1 << 30, 100_000))
-    extra: dict[str, Any] = {}
-    if "state_dir" in inspect.signature(Preparer).parameters:
-        extra["state_dir"] = tmp_path / "preparer-state"
-    preparer = Preparer(settings, store=store, node=NODE, stop=stop, **extra)
+    preparer = Preparer(
+        settings, store=store, node=NODE, stop=stop, state_dir=tmp_path / "preparer-state"
+    )
     (intent,) = store.apps_for_node(NODE)
     outcome: list[Any] = []
     converging = threading.Thread(target=lambda: outcome.append(preparer.converge(intent)))

@@ -301,11 +301,16 @@ def test_archives_made_by_gnu_tar_are_extracted(sandbox: Path) -> None:
     long_dir = tree / ("x" * 120) / ("y" * 120)
     long_dir.mkdir(parents=True)
     (long_dir / ("z" * 200)).write_bytes(b"deep")
+    (long_dir / ("z" * 200)).chmod(0o644)
     (tree / "bin").mkdir()
     (tree / "bin" / "run").write_bytes(b"#!/bin/sh\n")
     (tree / "bin" / "run").chmod(0o755)
     os.link(tree / "bin" / "run", tree / "bin" / "again")
     (tree / "lib").symlink_to("bin")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for directory in (tree, tree / "bin", long_dir, long_dir.parent):
+        directory.chmod(0o755 & ~umask)  # what extraction makes of any directory
     for fmt in ("gnu", "pax"):
         dest = sandbox / f"dest-{fmt}"
         dest.mkdir()

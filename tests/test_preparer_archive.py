@@ -207,6 +207,30 @@ def test_concatenated_gzip_members_are_one_stream(sandbox: Path) -> None:
     assert (sandbox / "dest" / "b").read_bytes() == b"b"
 
 
+def test_directories_revisited_out_of_order_are_extracted_without_leaking_descriptors(
+    sandbox: Path,
+) -> None:
+    """More directories than descriptors kept open, visited round-robin: each visit
+    reopens a directory closed since, and nothing stays open afterwards."""
+    count = archive.OPEN_DIRECTORIES + 16  # round-robin: every visit finds its fd closed
+    members = [
+        member(f"d{i % count}/sub/f{i}", str(i).encode(), mtime=1_000_000) for i in range(count * 2)
+    ]
+    members += [member(f"d{i}/sub", type=tarfile.DIRTYPE, mtime=2_000_000) for i in range(count)]
+    artifact = hostile(sandbox, members)
+    open_before = len(os.listdir("/proc/self/fd"))
+    extract(artifact, sandbox / "dest", Limits(10 << 20, 10_000))
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    for i in range(count * 2):
+        assert (sandbox / "dest" / f"d{i % count}" / "sub" / f"f{i}").read_text() == str(i)
+    assert {(sandbox / "dest" / f"d{i}" / "sub").stat().st_mtime for i in range(count)} == {2e6}
+    (sandbox / "refused").mkdir()
+    refused = hostile(sandbox, [*members, member("../x", b"")])
+    with pytest.raises(ArchiveError, match=r"'\.\.' in the path"):
+        extract(refused, sandbox / "refused", Limits(10 << 20, 10_000))
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
 # -- modes are the stock data filter's ------------------------------------------------------
 
 

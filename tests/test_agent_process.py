@@ -4,13 +4,17 @@ shown with pp-preparer against the embedded store."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from preparer_support import put_app, tree_tarball, wait_for
+import pytest
+from preparer_support import Behaviour, artifact_server, put_app, tree_tarball, wait_for
 
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore
@@ -19,41 +23,114 @@ PREPARER = Path(sys.executable).parent / "pp-preparer"
 NODE = "web1"
 
 
-def test_agent_repairs_drift_on_sighup_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    db = tmp_path / "intent.db"
-    store = IntentStore(SqliteStore(db))
-    sha = tree_tarball(tmp_path / "hello.tar.gz", {"bin/launch": b"#!/bin/sh\n"})
-    basedir = tmp_path / "srv" / "hello"
-    url = f"file://{tmp_path}/hello.tar.gz"
-    put_app(store, NODE, "hello", basedir, {"1.0": {"state": "active", "sha256": sha, "url": url}})
-    install = basedir / "installs" / "hello_1.0"
+def start_preparer(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     log = (tmp_path / "agent.log").open("w")
-    agent = subprocess.Popen(
-        [str(PREPARER), "--store", f"sqlite://{db}", "--node", NODE, "--log-format", "json",
-         "--resync-interval", "3600", "--repo", f"file://{tmp_path}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    try:
+        return subprocess.Popen(
+            [str(PREPARER), "--store", f"sqlite://{tmp_path / 'intent.db'}", "--node", NODE,
+             "--log-format", "json", "--resync-interval", "3600",
+             "--state-dir", str(tmp_path / "state"), *extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        log.close()
+
+
+def events(tmp_path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
+
+
+@pytest.fixture
+def hello(tmp_path: Path) -> Iterator[tuple[IntentStore, Path]]:
+    """App hello 1.0 published in a file:// repo and assigned; yields the store and
+    the install directory the preparer makes."""
+    store = IntentStore(SqliteStore(tmp_path / "intent.db"))
+    (tmp_path / "repo" / "hello").mkdir(parents=True)
+    sha = tree_tarball(tmp_path / "repo" / "hello" / "hello_1.0.tar.gz", {"bin/launch": b"#!"})
+    basedir = tmp_path / "srv" / "hello"
+    put_app(store, NODE, "hello", basedir, {"1.0": {"state": "active", "sha256": sha}})
+    yield store, basedir / "installs" / "hello_1.0"
+    store.close()
+
+
+def stopped(agent: subprocess.Popen[bytes], timeout_s: float = 20) -> int | None:
+    """The agent's exit code, or None when it did not exit in time (then killed)."""
+    try:
+        return agent.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+        return None
+
+
+def test_agent_repairs_drift_on_sighup_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, hello: tuple[IntentStore, Path]
+) -> None:
+    store, install = hello
+    agent = start_preparer(tmp_path, "--repo", f"file://{tmp_path / 'repo'}")
     try:
         wait_for(lambda: (install / "bin" / "launch").exists(), timeout_s=20)
         shutil.rmtree(install)  # drift made by hand; the intent does not change
         agent.send_signal(signal.SIGHUP)
         wait_for(lambda: (install / "bin" / "launch").exists(), timeout_s=20)
         agent.send_signal(signal.SIGTERM)
-        assert agent.wait(timeout=20) == 0
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        log.close()
+        code = stopped(agent)
+    assert code == 0
 
-    events = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
-    assert [e["event"] for e in events if e["event"] == "install.done"] == ["install.done"] * 2
-    assert events[-1]["event"] == "agent.stopped"
-    for event in events:
+    log = events(tmp_path)
+    assert [e["event"] for e in log if e["event"] == "install.done"] == ["install.done"] * 2
+    assert log[-1]["event"] == "agent.stopped"
+    for event in log:
         assert event["agent"] == "preparer" and event["node"] == NODE, event
-    assert all(e.get("app") == "hello" for e in events if e["event"].startswith("install."))
+    assert all(e.get("app") == "hello" for e in log if str(e["event"]).startswith("install."))
     (report,) = store.reality(node=NODE, app="hello")
     assert report.status == "converged"
+
+
+def test_a_storm_of_signals_never_wedges_the_agent(
+    tmp_path: Path, hello: tuple[IntentStore, Path]
+) -> None:
+    """SIGHUPs and a SIGTERM landing at any moment, several while the main thread is
+    inside a lock: the agent resyncs, then stops (a handler taking a lock used to
+    deadlock it)."""
+    _, install = hello
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    agent = start_preparer(tmp_path, "--repo", f"file://{tmp_path / 'repo'}")
+    try:
+        wait_for(lambda: (install / "bin" / "launch").exists(), timeout_s=20)
+        for _ in range(rng.randint(100, 200)):
+            agent.send_signal(signal.SIGHUP)
+            time.sleep(rng.uniform(0, 0.004))
+        agent.send_signal(signal.SIGTERM)
+    finally:
+        code = stopped(agent)
+    assert code == 0, f"seed {seed}: the agent did not stop on SIGTERM"
+    log = [e["event"] for e in events(tmp_path)]
+    assert log[-1] == "agent.stopped"
+    assert "agent.resync_requested" in log
+
+
+def test_sigterm_ends_a_stalled_download_without_waiting_for_it(
+    tmp_path: Path, hello: tuple[IntentStore, Path]
+) -> None:
+    """The download would hang for a minute; a stop ends it (or the runtime stops
+    waiting for it) well before."""
+    _, install = hello
+    repo = tmp_path / "repo"
+    with artifact_server(repo) as server:
+        server.behaviours["/hello/hello_1.0.tar.gz"] = Behaviour(stall_s=60, stall_times=99)
+        agent = start_preparer(tmp_path, "--repo", server.url, "--fetch-timeout", "60")
+        try:
+            wait_for(lambda: server.count("/hello/hello_1.0.tar.gz") > 0, timeout_s=20)
+            agent.send_signal(signal.SIGTERM)
+        finally:
+            code = stopped(agent, timeout_s=15)
+    assert code == 0, "the agent waited for the stalled download"
+    assert not install.exists()
+    assert events(tmp_path)[-1]["event"] == "agent.stopped"
 
 
 def test_agent_usage_errors_are_one_line(tmp_path: Path) -> None:

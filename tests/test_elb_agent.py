@@ -41,16 +41,18 @@ from elb_support import (
     serving,
 )
 from preparer_support import moto_server, wait_for
+from pydantic import TypeAdapter
 
 from agents.elb_registrar.agent import Identity
 from agents.elb_registrar.plan import APP_TAG, CLUSTER_TAG
 from agents.operator import drain
 from agents.system.imds import ImdsError
-from intent.model import Reality
+from intent.model import ClassicElb, Reality, TargetGroup
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
+Elb: Any = TypeAdapter(ClassicElb | TargetGroup)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +287,38 @@ def test_an_app_with_no_active_version_leaves_its_load_balancers(
     assert node.converge()
     assert cloud.registered(tg, node.instance) == "unused"
     assert node.report("web").details["why"] == "the app has no active version"
+
+
+def test_a_crash_between_recording_and_registering_is_finished_or_undone(
+    node: Node, cloud: Cloud, health: HealthApp
+) -> None:
+    """The state file is written before AWS is asked: what a kill -9 right after it
+    leaves is a record of a registration that never happened."""
+    classic, tg = cloud.classic("web-lb"), cloud.target_group("web-tg")
+    deploy(node, "web", [classic, tg], health)
+    node.agent.state.record("web", Elb.validate_python(classic), time.time())
+    node.agent.state.record("web", Elb.validate_python(tg), time.time())
+
+    assert node.converge()  # finished: registered and awaited
+    assert cloud.registered(classic, node.instance) == "InService"
+
+    node.agent.state.record("shop", Elb.validate_python(cloud.classic("shop-lb")), time.time())
+    node.converge()  # shop is not assigned here: its record is undone, and nothing else
+    assert not node.state_file("shop").exists()
+    assert cloud.registered(tg, node.instance) == "healthy"
+
+
+def test_a_crash_after_registering_is_picked_up_without_registering_again(
+    node: Node, cloud: Cloud, health: HealthApp
+) -> None:
+    tg = cloud.target_group("web-tg")
+    deploy(node, "web", [tg], health)
+    assert node.converge()
+    node.restart()
+    node.counter.take()
+    assert node.converge()
+    assert not set(node.counter.take()) & WRITES
+    assert node.lbs("web")[f"target_group:{tg['arn']}:8080"]["last_transition"] == "registered"
 
 
 def test_a_load_balancer_dropped_from_the_intent_is_left(

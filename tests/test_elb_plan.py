@@ -170,6 +170,13 @@ def test_in_service_found_on_first_sight_is_recorded_and_tagged_without_register
     assert kinds(plan) == ["Record", "Tag"]
 
 
+def test_a_record_under_another_role_is_brought_up_to_date() -> None:
+    role = "arn:aws:iam::123456789012:role/registrar"
+    moved = TG.model_copy(update={"role_arn": role})
+    plan = p.plan(desired(moved), observed({moved: seen("in_service")}, [TG]))
+    assert plan.actions == (Record(moved),)
+
+
 def test_only_the_missing_ownership_tag_is_added() -> None:
     plan = p.plan(desired(TG), observed({TG: seen("not_registered", {APP_TAG: APP, "x": "y"})}))
     assert Tag(TG, ((CLUSTER_TAG, CLUSTER),)) in plan.actions

@@ -41,7 +41,7 @@ from agents.elb_registrar.plan import (
     lb_key,
     lb_label,
 )
-from agents.elb_registrar.state import StateDir
+from agents.elb_registrar.state import StateDir, StateError
 from agents.system.aws import Aws, AwsError
 
 log = structlog.get_logger()
@@ -101,6 +101,8 @@ def apply(plan: Plan, ctx: Context, drain_timeout_s: float | None = None) -> App
             done.errors[key] = f"{lb_label(action.lb)}: {exc}"
         except OSError as exc:
             done.errors[key] = f"state file {ctx.state.file(ctx.app)}: {exc.strerror or exc}"
+        except StateError as exc:
+            done.errors[key] = str(exc)
     return done
 
 

@@ -291,6 +291,9 @@ def plan(desired: Desired, observed: Observed) -> Plan:
         if target == "hold":
             continue  # whatever AWS has stays, and need not even be observed
         recorded = key in observed.recorded
+        # A record made under an older deploy_config (another role_arn) is brought up
+        # to date, so a removal after an unassign uses the role the intent last named.
+        current_record = recorded and observed.recorded[key] == lb
         seen = observed.seen.get(key)
         if seen is None or (seen.phase is None and not seen.missing):
             errors[key] = (seen.error if seen else None) or "not observed"
@@ -310,21 +313,16 @@ def plan(desired: Desired, observed: Observed) -> Plan:
             elif seen.phase != "in_service":
                 errors[key] = "ownership tags not read: not registering"
                 continue
+            if not current_record:
+                records.append(Record(lb))  # before anything else: removal must know
             if seen.phase == "not_in_use":
                 errors[key] = NOT_IN_USE
-                if not recorded:
-                    records.append(Record(lb))  # it is registered: removal must know
                 continue
             if seen.tags is not None and (missing := missing_tags(seen.tags, *owner)):
                 tags.append(Tag(lb, missing))
-            if seen.phase == "in_service":
-                if not recorded:
-                    records.append(Record(lb))
-            elif seen.phase == "pending" and recorded:
+            if seen.phase == "pending" and recorded:
                 joining.append(lb)  # registered by us: only AWS's health check is missing
-            else:
-                if not recorded:
-                    records.append(Record(lb))
+            elif seen.phase != "in_service":
                 registers.append(Register(lb))
                 joining.append(lb)
         else:

@@ -83,8 +83,13 @@ class StateDir:
         return {lb_key(r.lb): r for r in record.load_balancers}
 
     def record(self, app: str, lb: LoadBalancer, at: float) -> None:
+        """Note ``lb`` (as the intent now names it) before registering there; a load
+        balancer already noted keeps the time it was first registered."""
         entries = self.load(app)
-        entries.setdefault(lb_key(lb), Registration(lb=lb, registered_at=at))
+        known = entries.get(lb_key(lb))
+        entries[lb_key(lb)] = Registration(
+            lb=lb, registered_at=known.registered_at if known else at
+        )
         self._save(app, entries)
 
     def forget(self, app: str, key: str) -> None:

@@ -581,6 +581,11 @@ class Runtime:
                 new = self.store.watch_node(
                     self.options.node, None if failures else token, self.options.watch_timeout_s
                 )
+            except StoreUnavailable as exc:
+                self._store_state(False, exc)  # news even while the loop is idle
+                failures += 1
+                self.stop_event.wait(self._store_retry(failures))
+                continue
             except Exception as exc:
                 if not isinstance(exc, StoreError):
                     self.log.exception("watch.crashed")

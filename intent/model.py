@@ -74,8 +74,11 @@ class VersionSpec(_Strict):
             parts.port  # noqa: B018 - parsing the port is what validates it
         except ValueError as exc:
             raise ValueError(f"not a valid URL ({exc})") from None
-        if parts.scheme not in URL_SCHEMES:
+        if parts.scheme not in URL_SCHEMES or not value.lower().startswith(parts.scheme + "://"):
             raise ValueError(f"must start with {', '.join(s + '://' for s in URL_SCHEMES)}")
+        if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or "%" in value):
+            # The preparer refuses these too; saying so here names the key at once.
+            raise ValueError("use file:///absolute/path, without a host or %-escapes")
         return value
 
 

@@ -168,3 +168,17 @@ def test_an_ordinary_basedir_is_accepted() -> None:
     assert parse(DeployConfig, deploy(basedir="/srv/web-1.2_x+y/"), "k").basedir == (
         "/srv/web-1.2_x+y"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["file:/etc/shadow", "file://evil/etc/shadow", "file:///repo/%2e%2e/etc/shadow"]
+)
+def test_a_file_url_that_is_not_plain_file_three_slashes_is_refused(url: str) -> None:
+    spec = {"1": {"state": "active", "sha256": SHA, "url": url}}
+    with pytest.raises(IntentError, match=r"versions\.1\.url: (use file:///|must start with)"):
+        parse(AppConfig, config(versions=spec), "k")
+
+
+def test_a_file_url_scheme_in_capitals_is_accepted_as_the_preparer_reads_it() -> None:
+    spec = {"1": {"state": "active", "sha256": SHA, "url": "FILE:///repo/a.tar.gz"}}
+    assert parse(AppConfig, config(versions=spec), "k").versions["1"].url

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from preparer_support import VENV_BIN, tree_tarball
 
 from agents import cli
+from agents.setlive.services import run_script
 from intent import keys
 from intent.model import MAX_DEPTH, MAX_VALUE_BYTES, AppConfig, IntentError, Reality, parse
 from intent.store import IntentStore, open_store
@@ -143,3 +144,16 @@ def test_pp_status_shows_terminal_escapes_from_the_store_as_text(
     assert shown.exit_code == 0, shown.output
     assert not any(c in shown.output for c in "\x1b\u202e\x07")
     assert "all good\\x1b[2J\\x1b[32m converged\\u202e\\x07" in shown.output
+
+
+def test_a_run_script_quotes_every_path_even_one_the_model_would_refuse(tmp_path: Path) -> None:
+    """deploy_config is validated (basedir: letters, digits, '/._+-'), and the run script
+    quotes anyway: a value that slipped past would be text, never a command."""
+    planted = tmp_path / "planted"
+    basedir = f"/nonexistent/$(touch {planted})`touch {planted}`"
+    script = tmp_path / "run"
+    script.write_bytes(run_script("web", basedir, None, "nobody", tmp_path / "env"))
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 111
+    assert f"pp-setlive: {basedir}/current does not exist; not starting" in done.stdout
+    assert not planted.exists()

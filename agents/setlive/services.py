@@ -109,7 +109,7 @@ def run_script(app: str, basedir: str, entry: str | None, run_as: str, env_dir: 
 # Written by pp-setlive for app {app}; rewritten on every change: do not edit.
 exec 2>&1
 if ! cd -P {shlex.quote(current)} 2>/dev/null; then
-    echo "pp-setlive: {current} does not exist; not starting"
+    echo {shlex.quote(f"pp-setlive: {current} does not exist; not starting")}
     sleep 5
     exit 111
 fi

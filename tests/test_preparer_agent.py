@@ -497,3 +497,18 @@ def in_process(world: World, fetch: FetchOptions | None = None) -> Preparer:
     return Preparer(
         settings, repo=world.server.url, store=world.store, node=NODE, state_dir=world.state_dir
     )
+
+
+def test_allowed_sources_confine_urls_but_always_admit_the_repo(world: World) -> None:
+    sha = world.publish("web", "1")
+    elsewhere = f"http://localhost:{world.server.port}/web/web_1.tar.gz"  # same bytes, other host
+    world.assign(
+        "web", {"1": {**active(sha), "url": elsewhere}, "2": prep(world.publish("web", "2"))}
+    )
+    stderr = world.run("--allowed-sources", "https://releases.example/apps/", check=1)
+    assert "Traceback" not in stderr
+    versions = world.report("web").details["versions"]
+    assert versions["1"].startswith("error: http://localhost:")
+    assert "is not under --allowed-sources" in versions["1"]
+    assert versions["2"] == "installed"  # no url: from --repo, which is always allowed
+    assert world.layout("web").installed_versions() == ["2"]

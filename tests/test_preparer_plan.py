@@ -20,6 +20,7 @@ from agents.preparer.plan import (
     Remove,
     Wanted,
     local_url_refusal,
+    source_refusal,
 )
 from agents.preparer.plan import plan as plan_for
 from agents.system import file_url
@@ -306,3 +307,37 @@ def test_a_file_url_outside_the_repo_is_refused_not_fetched() -> None:
     wanted = [Wanted("1.0", A, "file:///etc/shadow", active=True)]
     (action,) = plan_for(wanted, observed(), local_root="/repo")
     assert isinstance(action, Refuse) and action.version == "1.0"
+
+
+ALLOWED = ("https://releases.example/apps/", "s3://releases/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://releases.example/apps/web/web_1.tar.gz",
+        "HTTPS://Releases.Example/apps/web_1.tar.gz",
+        "s3://releases/web/web_1.tar.gz",
+    ],
+)
+def test_a_source_under_an_allowed_url_is_fetched(url: str) -> None:
+    assert source_refusal(url, ALLOWED) is None
+    assert source_refusal(url, ()) is None  # no list: any source
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://releases.example.evil/apps/web_1.tar.gz",  # another host sharing a prefix
+        "https://releases.example/appsx/web_1.tar.gz",  # another path sharing a prefix
+        "https://releases.example/other/web_1.tar.gz",
+        "http://releases.example/apps/web_1.tar.gz",  # the scheme counts too
+        "s3://releases-evil/web_1.tar.gz",
+        "https://user@releases.example.evil/apps/web_1.tar.gz",
+    ],
+)
+def test_a_source_outside_the_allowed_urls_is_refused_naming_the_list(url: str) -> None:
+    refusal = source_refusal(url, ALLOWED)
+    assert refusal is not None and "--allowed-sources" in refusal
+    (action,) = plan_for([Wanted("1.0", A, url, active=True)], observed(), allowed_sources=ALLOWED)
+    assert isinstance(action, Refuse) and action.reason == refusal

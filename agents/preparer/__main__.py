@@ -18,6 +18,7 @@ from agents.preparer.agent import (
     default_state_dir,
 )
 from agents.preparer.apply import Settings
+from agents.system import file_url
 from agents.system.archive import Limits
 from agents.system.fetch import FetchError, FetchOptions, check_url
 from agents.system.signing import SignatureError, load_trusted_keys
@@ -50,6 +51,14 @@ class ByteSize(click.ParamType[int, Any]):
     help="Artifact repository for versions without a url: file:///path, /path, "
     "http(s)://host/path or s3://bucket/prefix; artifacts are "
     "<repo>/<app>/<app>_<version>.tar.gz.",
+)
+@click.option(
+    "--allowed-sources",
+    envvar="PP_ALLOWED_SOURCES",
+    default=None,
+    help="Comma-separated URLs (e.g. https://releases.example/apps/,s3://releases/) "
+    "under which every http(s)/s3 artifact must lie; --repo is always allowed. "
+    "Default: any source (the sha256 in the intent decides what installs).",
 )
 @click.option(
     "--trusted-keys",
@@ -135,6 +144,7 @@ def main(**params: Any) -> None:
             check_url(artifact_url(repo, "app", "1"))
         except FetchError as exc:
             entrypoint.fail(f"--repo {repo}: {exc}")
+    allowed = _allowed_sources(params["allowed_sources"], repo)
     trusted = None
     if params["trusted_keys"] is not None:
         try:
@@ -150,6 +160,7 @@ def main(**params: Any) -> None:
         ),
         limits=Limits(params["max_install_bytes"], params["max_install_files"]),
         trusted_keys=trusted,
+        allowed_sources=allowed,
     )
 
     state_dir = (params["state_dir"] or default_state_dir()).absolute()
@@ -160,6 +171,19 @@ def main(**params: Any) -> None:
         )
 
     entrypoint.run(common, build, max_parallel=params["max_parallel"])
+
+
+def _allowed_sources(value: str | None, repo: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    allowed = [v.strip() for v in value.split(",") if v.strip()]
+    for url in allowed:
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("http", "https", "s3") or not url.split("://", 1)[1].split("/")[0]:
+            entrypoint.fail(f"--allowed-sources {url}: use http(s)://host/path or s3://bucket/")
+    if repo and not file_url.is_file_url(artifact_url(repo, "app", "1")):
+        allowed.append(repo)
+    return tuple(allowed)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,13 @@ class Preparer(Agent):
         owner: tuple[int, int] | None,
     ) -> Outcome:
         bound = log.bind(app=app)
-        actions = plan(wanted, observe(layout), self.keep_old, self.local_root)
+        actions = plan(
+            wanted,
+            observe(layout),
+            self.keep_old,
+            self.local_root,
+            self.settings.allowed_sources,
+        )
         states = {w.version: "installed" for w in wanted}
         problems: list[str] = []
         stopped: list[str] = []

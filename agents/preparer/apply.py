@@ -51,6 +51,8 @@ class Settings:
     limits: archive.Limits
     trusted_keys: Mapping[str, Ed25519PublicKey] | None = None
     """When set, every artifact needs a detached signature by one of these keys."""
+    allowed_sources: tuple[str, ...] = ()
+    """When set, remote artifacts come only from under these URLs (plan.source_refusal)."""
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ collect and what to keep for rollback) is tested with plain data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from agents.system import file_url
+from agents.system.fetch import display_url
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,32 @@ def local_url_refusal(url: str, local_root: str | None) -> str | None:
     return None
 
 
+def source_refusal(url: str, allowed: Sequence[str]) -> str | None:
+    """Why a remote URL is refused under ``--allowed-sources``, or None.
+
+    With no list, any http(s)/s3 source is fetched (the sha256 in the intent, and with
+    ``--trusted-keys`` a signature, decide what may be installed). A list confines app
+    owners to the platform's own artifact stores: a URL is allowed when its scheme and
+    host equal one entry's and its path lies under that entry's path, segment by
+    segment, so ``https://releases.example`` never admits ``releases.example.evil``."""
+    if not allowed or file_url.is_file_url(url):
+        return None
+    parts = urlsplit(url)
+    for prefix in allowed:
+        base = urlsplit(prefix)
+        root = base.path.rstrip("/") + "/"
+        same_place = (parts.scheme, parts.netloc.lower()) == (base.scheme, base.netloc.lower())
+        if same_place and (parts.path + "/").startswith(root):
+            return None
+    return f"{display_url(url)} is not under --allowed-sources ({', '.join(allowed)})"
+
+
 def plan(
     wanted: Iterable[Wanted],
     observed: Observed,
     keep_old: int = 1,
     local_root: str | None = None,
+    allowed_sources: Sequence[str] = (),
 ) -> list[Action]:
     """The actions that bring one app's installs in line with its intent.
 
@@ -120,7 +143,9 @@ def plan(
             actions.append(
                 Refuse(want.version, "the version has no url and pp-preparer has no --repo")
             )
-        elif refusal := local_url_refusal(want.url, local_root):
+        elif refusal := local_url_refusal(want.url, local_root) or source_refusal(
+            want.url, allowed_sources
+        ):
             actions.append(Refuse(want.version, refusal))
         elif complete and want.version == observed.current:
             # Upgraded agents: the running install cannot be swapped under its app, and

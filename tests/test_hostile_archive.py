@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import lzma
 import os
 import posixpath
 import shutil
@@ -549,3 +550,21 @@ def test_extended_headers_of_ordinary_size_are_read(sandbox: Path) -> None:
         extract(artifact, dest, LIMITS)
         assert (dest / name).read_bytes() == b"data"
         assert os.readlink(dest / link) == name
+
+
+def test_an_xz_stream_asking_for_a_huge_dictionary_is_refused(sandbox: Path) -> None:
+    """An xz block header names the decoder's dictionary size, up to 4 GiB, in one byte;
+    patching it (and the header's CRC) makes a tiny artifact that would claim that much."""
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info, data = member("a", b"hi")
+        tar.addfile(info, io.BytesIO(data))
+    filters = [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}]
+    xz = bytearray(lzma.compress(plain.getvalue(), format=lzma.FORMAT_XZ, filters=filters))
+    assert xz[12:16] == b"\x02\x00\x21\x01"  # block header: 12 bytes, one LZMA2 filter
+    xz[16] = 40  # the largest dictionary the format can name
+    xz[20:24] = struct.pack("<I", zlib.crc32(bytes(xz[12:20])))
+    archive = sandbox / "artifact.tar.xz"
+    archive.write_bytes(bytes(xz))
+    with pytest.raises(ArchiveError, match=r"xz stream needs more than 256 MiB"):
+        extract(archive, sandbox / "dest", Limits(1 << 30, 100))

@@ -142,7 +142,14 @@ def extract(
                 while (member := tar.next()) is not None:
                     writer.add(member, tar.fileobj)
                 writer.finish()
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        except lzma.LZMAError as exc:
+            if "memory" in str(exc).lower():
+                raise ArchiveError(
+                    f"artifact refused: its xz stream needs more than {XZ_MEMORY_LIMIT >> 20} "
+                    "MiB of memory to decompress (compress with xz -9 or less, or gzip)"
+                ) from None
+            raise ArchiveError(f"not a valid tar archive: {exc}") from None
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise ArchiveError(f"not a valid tar archive: {exc}") from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -521,6 +528,11 @@ def _refuser(name: str, prefix: str = "") -> _Refuse:
 
 # -- decompression ------------------------------------------------------------------------
 
+XZ_MEMORY_LIMIT = 256 << 20
+"""What an xz stream may make its decoder allocate. Its header chooses the dictionary
+size, up to 1.5 GiB, and the decoder allocates it up front: a few bytes of header could
+otherwise take that much memory. ``xz -9`` needs 65 MiB to decompress."""
+
 _GZIP = b"\x1f\x8b"
 _XZ = b"\xfd7zXZ\x00"
 _BZ2 = b"BZh"
@@ -536,8 +548,8 @@ class _Decompressor:
         self.kind = kind
         self._zlib = zlib.decompressobj(31) if kind == "gzip" else None
         self._other = (
-            lzma.LZMADecompressor() if kind == "xz" else bz2.BZ2Decompressor()
-            if kind == "bz2" else None
+            lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT) if kind == "xz"
+            else bz2.BZ2Decompressor() if kind == "bz2" else None
         )  # fmt: skip
         self._tail = b""
 

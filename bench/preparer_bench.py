@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.pack import build  # noqa: E402
 from intent import keys  # noqa: E402
+from intent.cli.pack import build  # noqa: E402
 from intent.store import open_store  # noqa: E402
 
 APP, VERSION, NODE = "bench", "1.0", "bench-node"

@@ -16,9 +16,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from agents import cli
-from agents.appfile import read_app_file
-from intent import keys
+from intent import cli, keys
+from intent.cli.appfile import read_app_file
 from intent.model import AgentStatus, AppConfig, Reality
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore

@@ -45,8 +45,8 @@ from pydantic import TypeAdapter
 
 from agents.elb_registrar.agent import Identity
 from agents.elb_registrar.plan import APP_TAG, CLUSTER_TAG
-from agents.operator import drain
 from agents.system.imds import ImdsError
+from intent.cli.operator import drain
 from intent.model import ClassicElb, Reality, TargetGroup
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore

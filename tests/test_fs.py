@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from race_support import NOBODY, Racer, fingerprint, make_secret, open_root
 
-from agents.pack import PackError, build
 from agents.system import fs, runit
+from intent.cli.pack import PackError, build
 
 
 def test_write_atomic_writes_only_on_change_and_sets_the_group(tmp_path: Path) -> None:

@@ -16,9 +16,8 @@ import pytest
 from click.testing import CliRunner
 from preparer_support import VENV_BIN, tree_tarball
 
-from agents import cli
 from agents.setlive.services import run_script
-from intent import keys
+from intent import cli, keys
 from intent.model import MAX_DEPTH, MAX_VALUE_BYTES, AppConfig, IntentError, Reality, parse
 from intent.store import IntentStore, open_store
 

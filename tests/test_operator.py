@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from agents import operator as op
-from agents.appfile import parse_app_file
 from intent import keys
+from intent.cli import operator as op
+from intent.cli.appfile import parse_app_file
 from intent.model import AppConfig, AuditRecord, IntentError
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore

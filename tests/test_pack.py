@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from preparer_support import moto_server, sha256_of
 
-from agents.pack import PackError, artifact_url, build, pack
-from agents.pack_cli import pack as pack_command
 from agents.system.archive import Limits, extract
 from agents.system.fetch import FetchOptions, fetch
-from agents.system.signing import SignatureError, load_public_key, sign, verify
+from intent.cli.pack import PackError, artifact_url, build, pack
+from intent.cli.pack_command import pack as pack_command
+from intent.signing import SignatureError, load_public_key, sign, verify
 
 
 @pytest.fixture

@@ -35,9 +35,9 @@ from agents.runtime import Runtime, RuntimeOptions
 from agents.system.archive import Limits
 from agents.system.fetch import FetchOptions
 from agents.system.layout import AppLayout
-from agents.system.signing import sign
 from intent import keys
 from intent.model import Reality
+from intent.signing import sign
 from intent.store import open_store
 
 NODE = "web1"

@@ -24,7 +24,6 @@ import pytest
 from race_support import NOBODY, run_as_nobody
 from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for  # noqa: F401
 
-from agents.operator import request_retry
 from agents.runtime import Runtime, RuntimeOptions
 from agents.setlive.agent import SetliveAgent
 from agents.setlive.apply import lease_resource
@@ -32,6 +31,7 @@ from agents.setlive.observe import Paths
 from agents.system import fs, runit
 from agents.system.layout import AppLayout, InstallMarker
 from intent import keys
+from intent.cli.operator import request_retry
 from intent.model import Reality
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore

@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from agents import entrypoint
-from agents.pack import artifact_url
 from agents.preparer.agent import (
     DEFAULT_STATE_DIR,
     STATE_DIR_VAR,
@@ -21,7 +20,8 @@ from agents.preparer.apply import Settings
 from agents.system import file_url
 from agents.system.archive import Limits
 from agents.system.fetch import FetchError, FetchOptions, check_url
-from agents.system.signing import SignatureError, load_trusted_keys
+from intent.artifacts import artifact_url
+from intent.signing import SignatureError, load_trusted_keys
 from intent.store import IntentStore
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)

@@ -24,13 +24,13 @@ from typing import Any
 
 import structlog
 
-from agents.pack import artifact_url
 from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
 from agents.runtime import Agent, Outcome
 from agents.system import file_url
 from agents.system.layout import AppLayout
+from intent.artifacts import artifact_url
 from intent.model import Reality
 from intent.store import AppIntent, IntentStore, StoreError
 

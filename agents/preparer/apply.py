@@ -36,7 +36,7 @@ from agents.system.fetch import (
 )
 from agents.system.fs import temp_name
 from agents.system.layout import MARKER_NAME, AppLayout, InstallMarker
-from agents.system.signing import SignatureError, verify
+from intent.signing import SignatureError, verify
 
 log = structlog.get_logger()
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from agents.appfile import AppFile
 from intent import keys
+from intent.cli.appfile import AppFile
 from intent.model import (
     AppConfig,
     AuditRecord,

@@ -1,7 +1,7 @@
 """``pp``: the operator's view of the intent store.
 
 Reads show what is stored and what the agents report; writes go through
-``agents.operator`` (compare-and-set, retried, audited). Every failure an
+``intent.cli.operator`` (compare-and-set, retried, audited). Every failure an
 operator can cause ends as one ``pp: error: ...`` line on stderr and a
 non-zero exit: 1 for a refused or failed operation, 2 for a malformed command.
 """
@@ -20,12 +20,12 @@ from typing import IO, Any
 import click
 import yaml
 
-from agents import cli_render as render
-from agents import operator as op
-from agents.appfile import AppFile, read_app_file
-from agents.pack_cli import pack
-from agents.schema import intent_schema
 from intent import keys
+from intent.cli import operator as op
+from intent.cli import render
+from intent.cli.appfile import AppFile, read_app_file
+from intent.cli.pack_command import pack
+from intent.cli.schema import intent_schema
 from intent.model import IntentError
 from intent.store import IntentStore, StoreError, default_store_url, open_store
 

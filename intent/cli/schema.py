@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from agents.appfile import AppFile
+from intent.cli.appfile import AppFile
 from intent.model import AppConfig, AuditRecord, DeployConfig, NodeAssignment, Reality
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [

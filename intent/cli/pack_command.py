@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from agents.operator import OperatorError, check_name
-from agents.pack import PackError
-from agents.pack import pack as build_and_publish
-from agents.system.signing import SignatureError, load_private_key, sign
+from intent.cli.operator import OperatorError, check_name
+from intent.cli.pack import PackError
+from intent.cli.pack import pack as build_and_publish
+from intent.signing import SignatureError, load_private_key, sign
 
 
 def _name(what: str) -> Callable[[click.Context, click.Parameter, str], str]:

@@ -11,7 +11,7 @@ checkout that built it (``python``), so a release that needs new dependencies ne
 launch script: the bundle describes one host's agents completely, and ``current``
 moving to a new install is the whole upgrade.
 
-``python -m agents.bundle OUT ...`` builds the tree and prints its version.
+``python -m agents.kickstart.bundle OUT ...`` builds the tree and prints its version.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from agents.pack import build as build_artifact
+from intent.cli.pack import build as build_artifact
 
 PACKAGES = ("intent", "agents")
 AGENTS = ("preparer", "setlive")
@@ -167,7 +167,7 @@ def build_bundle(source: Path, out: Path, spec: BundleSpec, version: str | None 
     return version
 
 
-@click.command("agents.bundle")
+@click.command("agents.kickstart.bundle")
 @click.argument("out", type=click.Path(exists=False, path_type=Path))
 @click.option(
     "--source",

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import os
 import posixpath
+import secrets
 import stat
 import tarfile
 import tempfile
@@ -30,26 +31,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from agents.system.fs import TEMP_MARK, temp_name
-from agents.system.signing import SIGNATURE_SUFFIX
+from intent.artifacts import artifact_url
+from intent.signing import SIGNATURE_SUFFIX
 
 GZIP_LEVEL = 6
+TEMP_MARK = ".pp-tmp-"
+"""Infix of the temp names pack writes before renaming, as the agents' own temp names."""
+S3_TIMEOUT_S = 30.0
 
 
 class PackError(Exception):
     """The directory cannot be packed or the artifact cannot be published."""
-
-
-def artifact_name(app: str, version: str) -> str:
-    return f"{app}_{version}.tar.gz"
-
-
-def artifact_url(repo: str, app: str, version: str) -> str:
-    """Where an artifact lives in a repository (``file://``, ``http(s)://``, ``s3://``,
-    or a plain absolute path, taken as ``file://``)."""
-    if repo.startswith("/"):
-        repo = f"file://{repo}"
-    return f"{repo.rstrip('/')}/{app}/{artifact_name(app, version)}"
 
 
 # -- building ----------------------------------------------------------------------------
@@ -184,6 +176,12 @@ def pack(
     raise PackError(f"--repo {repo}: pp pack publishes to file:// or s3:// repositories")
 
 
+def _temp_beside(path: Path) -> Path:
+    """A fresh name in ``path``'s own directory, so the rename onto ``path`` never
+    crosses filesystems and a reader never sees a half-written file."""
+    return path.with_name(f"{TEMP_MARK}{path.name}.{secrets.token_hex(4)}")
+
+
 def _build_to(directory: Path, target: Path) -> tuple[str, int]:
     with target.open("wb") as out:
         sha256 = build(directory, out)
@@ -200,7 +198,7 @@ def _publish_file(
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PackError(f"{dest.parent}: {exc.strerror or exc}") from None
-    tmp = temp_name(dest)
+    tmp = _temp_beside(dest)
     try:
         sha256, size = _build_to(directory, tmp)
         unchanged = dest.exists() and _sha256_of(dest) == sha256
@@ -212,12 +210,12 @@ def _publish_file(
         if unchanged:
             tmp.unlink()
         else:
-            os.rename(tmp, dest)
+            os.replace(tmp, dest)
         if signature is not None:
             sig = dest.with_name(dest.name + SIGNATURE_SUFFIX)
-            sig_tmp = temp_name(sig)
+            sig_tmp = _temp_beside(sig)
             sig_tmp.write_bytes(signature(sha256))
-            os.rename(sig_tmp, sig)
+            os.replace(sig_tmp, sig)
     except OSError as exc:
         raise PackError(f"{dest}: {exc.strerror or exc}") from None
     finally:
@@ -239,10 +237,9 @@ def _publish_s3(
 ) -> Published:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from agents.system.fetch import s3_client, split_s3_url
-
-    bucket, key = split_s3_url(url)
-    client = s3_client()
+    parts = urlsplit(url)
+    bucket, key = parts.netloc, parts.path.lstrip("/")
+    client = _s3_client()
     with tempfile.TemporaryDirectory(prefix=TEMP_MARK) as workdir:
         artifact = Path(workdir) / "artifact.tar.gz"
         sha256, size = _build_to(directory, artifact)
@@ -269,6 +266,21 @@ def _publish_s3(
         except BotoCoreError as exc:
             raise PackError(f"{url}: {exc}") from None
     return Published(url, sha256, size, unchanged)
+
+
+def _s3_client() -> Any:
+    """An S3 client configured by the environment (``AWS_ENDPOINT_URL``, profile,
+    region, credentials), with bounded timeouts and retries: one upload, one client."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=S3_TIMEOUT_S,
+        read_timeout=S3_TIMEOUT_S,
+        retries={"mode": "standard", "max_attempts": 3},
+        user_agent_extra="platypus-pack",
+    )
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _s3_sha256(client: Any, bucket: str, key: str) -> str | None:

@@ -1,0 +1,1 @@
+"""The host bootstrap: the agents' own bundle (bundle.py), laid down by scripts/kickstart."""

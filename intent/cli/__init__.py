@@ -1,15 +1,31 @@
-"""``pp``: the operator's tool. Operators write intent here; the agents read it.
+"""``pp``: the operator's tool. Operators write intent with it; the agents read that intent.
 
-- ``commands``: the click group and its commands
-- ``render``: tables, diffs and terminal-safe text
+- ``group``: the ``pp`` group, its options, one-line errors, terminal-safe output, ``main``
+- ``commands``: app files and changes to intent (apply, validate, get, schema, deploy,
+  rollback, assign, retry)
+- ``trust_commands``: what an absence means, or standing back (unassign, drain, init)
+- ``report_commands``: what the agents report and what pp changed (status, history)
+- ``pack_command``: ``pp pack``, over ``pack`` (deterministic artifacts, published)
 - ``operator``: the read-modify-write of one key, and the pure transforms it applies
+- ``render``: tables, diffs and terminal-safe text
 - ``appfile``: app files (YAML), one app's clusters as ``pp apply`` and ``pp get`` see them
 - ``schema``: the JSON Schema of app files and of stored values
-- ``pack``: deterministic artifacts published to a repository (``pack_command``: ``pp pack``)
 """
 
 from __future__ import annotations
 
-from intent.cli.commands import cli, main
+from intent.cli import commands, pack_command, report_commands, trust_commands
+from intent.cli.group import cli, main
+
+# Qualified names: ``schema`` and ``pack`` are modules of this package too, and
+# binding the commands to those names here would hide the modules.
+for _command in (
+    *(commands.apply, commands.validate, commands.schema, commands.get),
+    *(commands.deploy, commands.rollback, commands.assign, commands.retry),
+    *(trust_commands.unassign, trust_commands.drain, trust_commands.undrain, trust_commands.init),
+    *(report_commands.status, report_commands.history),
+    pack_command.pack,
+):
+    cli.add_command(_command)
 
 __all__ = ["cli", "main"]

@@ -1,21 +1,15 @@
-"""``pp``: the operator's view of the intent store.
+"""The commands that write intent: app files (apply, validate, get, schema) and
+changes to it (deploy, rollback, assign, retry).
 
-Reads show what is stored and what the agents report; writes go through
-``intent.cli.operator`` (compare-and-set, retried, audited). Every failure an
-operator can cause ends as one ``pp: error: ...`` line on stderr and a
-non-zero exit: 1 for a refused or failed operation, 2 for a malformed command.
+Reads show what is stored; writes go through ``intent.cli.operator``
+(compare-and-set, retried, audited).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Sequence
+from typing import Any
 
 import click
 import yaml
@@ -24,123 +18,23 @@ from intent import keys
 from intent.cli import operator as op
 from intent.cli import render
 from intent.cli.appfile import AppFile, read_app_file
-from intent.cli.pack_command import pack
+from intent.cli.group import (
+    Env,
+    PPError,
+    PPUsageError,
+    echo,
+    json_option,
+    pass_env,
+    print_json,
+    warn,
+)
 from intent.cli.schema import intent_schema
 from intent.model import IntentError
-from intent.store import IntentStore, StoreError, default_store_url, open_store
-
-
-class PPError(click.ClickException):
-    exit_code = 1
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        echo(f"pp: error: {render.one_line(self.message)}", err=file is None, file=file)
-
-
-class PPUsageError(PPError):
-    exit_code = 2
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    try:
-        yield
-    except (PPError, click.exceptions.NoArgsIsHelpError):
-        raise
-    except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        raise PPUsageError(exc.format_message() + hint) from None
-    except click.ClickException as exc:
-        raise PPError(exc.format_message()) from None
-    except (IntentError, op.OperatorError, StoreError) as exc:
-        raise PPError(str(exc)) from None
-
-
-class _Group(click.Group):
-    """Turns every error below it into one line, under CliRunner and the real entry point."""
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        with _one_line_errors():
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():
-            return super().invoke(ctx)
-
-
-@dataclass
-class Env:
-    url: str
-    prefix: str
-    _store: IntentStore | None = field(default=None, repr=False)
-
-    def store(self) -> IntentStore:
-        # Opened on first use so `pp validate` and `pp schema` need no store.
-        if self._store is None:
-            self._store = open_store(self.url, self.prefix)
-        return self._store
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
-pass_env = click.make_pass_decorator(Env)
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text."
-)
-
-
-def echo(message: str, err: bool = False, nl: bool = True, file: IO[Any] | None = None) -> None:
-    """Every line pp prints goes through here: text from the store is escaped."""
-    click.echo(render.terminal_safe(message), err=err, nl=nl, file=file)
-
-
-def _print_json(value: Any) -> None:
-    echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _warn(message: str) -> None:
-    echo(f"pp: warning: {render.one_line(message)}", err=True)
-
-
-@click.group(name="pp", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--store",
-    envvar="PP_STORE",
-    default=default_store_url,
-    show_default="$PP_STORE, else the embedded store",
-    help="Intent store URL: sqlite:///abs/path.db or consul://host:port.",
-)
-@click.option(
-    "--prefix",
-    envvar="PP_PREFIX",
-    default=keys.DEFAULT_PREFIX,
-    show_default=True,
-    help="Key prefix of this platform's intent in the store.",
-)
-@click.pass_context
-def cli(ctx: click.Context, store: str, prefix: str) -> None:
-    """Operate Platypus: write intent, deploy, roll back, see what agents report.
-
-    Changes are recorded in the audit trail as $PP_ACTOR, or the login user.
-    """
-    env = Env(store, prefix)
-    ctx.obj = env
-    ctx.call_on_close(env.close)
-
 
 # -- intent as files ----------------------------------------------------------------------
 
 
-@cli.command()
+@click.command()
 @click.option(
     "-f",
     "--file",
@@ -177,7 +71,7 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
         for item in plan:
             echo(render.diff(item.key, item.old, item.new), nl=False)
             for version in op.changed_artifacts(item.old, item.new):
-                _warn(
+                warn(
                     f"{item.key}: version {version} gets a different sha256; a version's"
                     " artifact is meant never to change, so prefer a new version"
                 )
@@ -192,7 +86,7 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
             echo(f"{app_file.app}: {len(plan)} key(s) written")
 
 
-@cli.command()
+@click.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 def validate(files: Sequence[str]) -> None:
     """Check app files without touching the store."""
@@ -207,13 +101,13 @@ def _describe(app_file: AppFile) -> str:
     return f"app {app_file.app}; clusters {clusters}; {nodes} node(s)"
 
 
-@cli.command()
+@click.command()
 def schema() -> None:
     """Print the JSON Schema of app files and of every stored value."""
     echo(json.dumps(intent_schema(), indent=2))
 
 
-@cli.command()
+@click.command()
 @click.argument("app")
 @json_option
 @pass_env
@@ -228,7 +122,7 @@ def get(env: Env, app: str, as_json: bool) -> None:
     if not view.document["clusters"] and not view.problems:
         raise PPError(f"no intent for app {app} under prefix {env.prefix!r}")
     if as_json:
-        _print_json(view.document)
+        print_json(view.document)
     else:
         echo(yaml.safe_dump(view.document, sort_keys=False, default_flow_style=False), nl=False)
     if view.problems:
@@ -238,7 +132,7 @@ def get(env: Env, app: str, as_json: bool) -> None:
 # -- changes ------------------------------------------------------------------------------
 
 
-@cli.command()
+@click.command()
 @click.argument("app")
 @click.argument("version")
 @click.option("-c", "--cluster", required=True, help="Cluster to deploy to.")
@@ -274,7 +168,7 @@ def deploy(env: Env, app: str, version: str, cluster: str, sha256: str, url: str
     else:
         echo(f"{where}: {version} is active ({before} kept as prep)")
     if store.get_raw(keys.deploy_config(app, cluster)) is None:
-        _warn(
+        warn(
             f"{keys.deploy_config(app, cluster)} is missing; nodes of {where} hold until it"
             " is written (pp apply)"
         )
@@ -288,7 +182,7 @@ def _active(value: Any) -> str | None:
     return config.active_version if config is not None else None
 
 
-@cli.command()
+@click.command()
 @click.argument("app")
 @click.option("-c", "--cluster", required=True, help="Cluster to roll back.")
 @click.option(
@@ -326,7 +220,7 @@ def rollback(env: Env, app: str, cluster: str, to: str | None) -> None:
     echo(f"{app}/{cluster}: rolled back to {after}{kept}")
 
 
-@cli.command()
+@click.command()
 @click.argument("app")
 @click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
 @click.option("-c", "--cluster", required=True, help="Cluster of the app the nodes run.")
@@ -339,7 +233,7 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
         op.check_name("node", node)
     store = env.store()
     if cluster not in store.clusters_of(app):
-        _warn(
+        warn(
             f"{app} has no cluster {cluster} yet; its nodes report it missing until"
             f" {keys.config(app, cluster)} and {keys.deploy_config(app, cluster)} exist"
         )
@@ -363,102 +257,7 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
             echo(f"{node}: runs {app}/{cluster}")
 
 
-@cli.command()
-@click.argument("args", nargs=-1, required=True, metavar="APP NODE... | --all NODE...")
-@click.option("--all", "everything", is_flag=True, help="Every app of each NODE.")
-@pass_env
-def unassign(env: Env, args: Sequence[str], everything: bool) -> None:
-    """Stop APP on NODEs, or with --all every app on NODEs.
-
-    Nothing changes if any NODE does not run APP. A node left running nothing is
-    recorded as emptied on purpose: agents hold a node whose every assignment
-    vanishes without that record, as a wiped store would look the same.
-    """
-    store = env.store()
-    who = op.actor()
-    if everything:
-        for node in args:
-            op.check_name("node", node)
-        for node in args:
-            removed = op.unassign(store, node, sorted(store.assignments(node)), who)
-            echo(f"{node}: runs nothing" + (f" (was {', '.join(removed)})" if removed else ""))
-        return
-    app, nodes = args[0], args[1:]
-    if not nodes:
-        raise PPUsageError("give APP and at least one NODE, or --all NODE...")
-    op.check_name("app", app)
-    for node in nodes:
-        op.check_name("node", node)
-    assigned = store.nodes_of(app)
-    missing = [node for node in nodes if node not in assigned]
-    if missing:
-        running = ", ".join(sorted(assigned)) or "none"
-        raise PPError(f"{app} is not assigned to {', '.join(missing)} (assigned: {running})")
-    for node in nodes:
-        op.unassign(store, node, [app], who)
-        echo(f"{node}: no longer runs {app}")
-
-
-@cli.command()
-@click.argument("node")
-@click.option("-a", "--app", "apps", multiple=True, help="Only this app (repeatable).")
-@pass_env
-def drain(env: Env, node: str, apps: Sequence[str]) -> None:
-    """Take NODE's apps (or --app) out of their load balancers, leaving them running."""
-    _drain(env, node, apps, on=True)
-
-
-@cli.command()
-@click.argument("node")
-@click.option("-a", "--app", "apps", multiple=True, help="Only this app (repeatable).")
-@pass_env
-def undrain(env: Env, node: str, apps: Sequence[str]) -> None:
-    """Put NODE's apps (or --app) back into their load balancers once healthy."""
-    _drain(env, node, apps, on=False)
-
-
-def _drain(env: Env, node: str, apps: Sequence[str], on: bool) -> None:
-    op.check_name("node", node)
-    for app in apps:
-        op.check_name("app", app)
-    store = env.store()
-    targets = sorted(apps) or sorted(store.assignments(node))
-    if not targets:
-        raise PPError(f"{node} runs no app")
-    changed = set(op.drain(store, node, targets, op.actor(), on))
-    verb = "drained" if on else "not drained"
-    for app in targets:
-        echo(f"{node}: {app} {verb}" + ("" if app in changed else " (already)"))
-
-
-@cli.command()
-@click.option(
-    "--adopt",
-    "earlier",
-    default=None,
-    metavar="IDENTITY",
-    help="Declare this store the successor of the store with this identity.",
-)
-@pass_env
-def init(env: Env, earlier: str | None) -> None:
-    """Give the store its identity (the first write pp makes does it too).
-
-    Agents remember the identity of the store they converged from and hold,
-    changing nothing, when they see another store or none. After moving to a new
-    store on purpose, --adopt the old identity (pp status shows it) to let them go on.
-    """
-    store = env.store()
-    existed = store.identity()
-    identity = store.ensure_identity(op.actor())
-    echo(f"store identity: {identity.id}" + (" (already set)" if existed else " (created)"))
-    if earlier is not None:
-        if not earlier.isalnum():
-            raise PPUsageError(f"--adopt {earlier!r}: an identity is letters and digits")
-        store.adopt(earlier, op.actor())
-        echo(f"store {identity.id} adopts {earlier}: agents that knew {earlier} go on")
-
-
-@cli.command()
+@click.command()
 @click.argument("app")
 @click.option("-n", "--node", default=None, help="Only this node (default: every node of APP).")
 @pass_env
@@ -473,76 +272,3 @@ def retry(env: Env, app: str, node: str | None) -> None:
         op.check_name("node", node)
     for done in op.request_retry(env.store(), app, node, actor=op.actor()):
         echo(f"{done}: retry of {app} requested")
-
-
-# -- what happened ------------------------------------------------------------------------
-
-
-@cli.command()
-@click.argument("app", required=False)
-@click.option("-n", "--node", default=None, help="Only this node.")
-@json_option
-@pass_env
-def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
-    """What the agents report: one row per node, agent and app.
-
-    AGE is how long the agent has been in its status; a report not refreshed
-    for a while is called out in MESSAGE, as its agent is probably not running.
-    """
-    if app is not None:
-        op.check_name("app", app)
-    if node is not None:
-        op.check_name("node", node)
-    store = env.store()
-    reports = store.reality(node, app)
-    if as_json:
-        _print_json([r.model_dump(mode="json") for r in reports])
-        return
-    expected: set[tuple[str, str]] = set()
-    if app is not None:
-        expected = {(n, app) for n in store.nodes_of(app) if node is None or n == node}
-    elif node is not None:
-        expected = {(node, a) for a in store.assignments(node)}
-    unreported = sorted(expected - {(r.node, r.app) for r in reports})
-    now = time.time()
-    for held in store.agent_statuses(node):
-        if held.state == "held":
-            echo(f"HELD {held.node} {held.agent} for {render.age(now - held.since)}: {held.reason}")
-    rows = render.status_rows(reports, unreported, now)
-    echo(render.table(render.STATUS_COLUMNS, rows))
-
-
-@cli.command()
-@click.argument("app")
-@json_option
-@pass_env
-def history(env: Env, app: str, as_json: bool) -> None:
-    """Every change pp made to APP, oldest first: who, when, which key, what changed."""
-    op.check_name("app", app)
-    records = env.store().history(app)
-    if as_json:
-        _print_json([r.model_dump(mode="json") for r in records])
-        return
-    echo(render.table(render.HISTORY_COLUMNS, render.history_rows(records)))
-
-
-cli.add_command(pack)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: the exit code, never a traceback for anything an operator can cause."""
-    try:
-        result = cli.main(args=argv, prog_name="pp", standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.Abort:
-        echo("pp: error: interrupted", err=True)
-        return 130
-    except BrokenPipeError:
-        # `pp history | head`: the reader left. Point stdout at /dev/null so the
-        # interpreter's final flush does not fail again on the way out.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return result if isinstance(result, int) else 0

@@ -1,4 +1,4 @@
-"""structlog set-up shared by every agent and the CLI.
+"""structlog set-up shared by every agent.
 
 JSON lines when stderr is not a terminal (services, CI), a readable console
 format when it is; ``--log-format`` overrides the guess.

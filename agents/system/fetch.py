@@ -42,6 +42,7 @@ import structlog
 import tenacity
 
 from agents.system import file_url
+from intent.signing import SIGNATURE_SUFFIX
 
 CHUNK = 1 << 20
 USER_AGENT = "platypus-preparer"
@@ -106,7 +107,7 @@ def display_url(url: str) -> str:
 def signature_url(url: str) -> str:
     """Where the detached signature of ``url`` lives: the same path plus ``.sig``."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=parts.path + ".sig"))
+    return urlunsplit(parts._replace(path=parts.path + SIGNATURE_SUFFIX))
 
 
 def check_url(url: str) -> None:

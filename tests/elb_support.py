@@ -63,9 +63,12 @@ class Cloud:
 
     endpoint: str
     session: boto3.Session = field(default_factory=credentials)
+    clients: dict[str, Any] = field(default_factory=dict)
 
     def client(self, service: str) -> Any:
-        return self.session.client(service, endpoint_url=self.endpoint)  # type: ignore[call-overload]
+        if service not in self.clients:
+            self.clients[service] = self.session.client(service, endpoint_url=self.endpoint)  # type: ignore[call-overload]
+        return self.clients[service]
 
     def post(self, path: str, body: bytes = b"") -> None:
         request = urllib.request.Request(

@@ -578,6 +578,7 @@ def test_the_instance_id_comes_from_imdsv2_with_a_token() -> None:
             urllib.request.urlopen(
                 f"http://127.0.0.1:{imds.port}/latest/meta-data/instance-id", timeout=5
             )
+        refused.value.close()
         assert refused.value.code == 401 and imds.refused == 1
 
 
@@ -676,15 +677,14 @@ def test_sigterm_ends_a_long_wait_for_in_service_at_once(
         time.sleep(0.3)  # well into the wait
         stopped = time.monotonic()
         agent.terminate()
-        assert agent.wait(timeout=15) == 0
+        _, log = agent.communicate(timeout=15)
+        assert agent.returncode == 0
         assert time.monotonic() - stopped < 3
     finally:
         if agent.poll() is None:
             agent.kill()
-            agent.wait()
-        assert agent.stderr is not None
-        log = agent.stderr.read().decode()
-    assert "agent.stop_abandoned" not in log  # the wait ended on the stop, not the grace
+            agent.communicate()
+    assert b"agent.stop_abandoned" not in log  # the wait ended on the stop, not the grace
     assert node.recorded("web") == [{**classic, "role_arn": None}]
 
 

@@ -52,7 +52,7 @@ class IptablesAgent(Agent):
             self._pass(intents)
         except IptablesError as exc:
             self._fail(intents, str(exc))
-        except Exception as exc:  # the runtime does not guard begin_pass; never crash it
+        except Exception as exc:  # a bug: every app reports it, not only the runtime's log
             self.log.exception("iptables.crashed")
             self._fail(intents, f"internal error: {type(exc).__name__}: {exc}")
         else:

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
 import click
@@ -142,8 +143,12 @@ def run(
     common: CommonOptions,
     build: Callable[[IntentStore, threading.Event], Agent],
     max_parallel: int = 1,
+    state_dir: Path | None = None,
 ) -> NoReturn:
-    """Open the store, build the agent and run its loop; exit with its code."""
+    """Open the store, build the agent and run its loop; exit with its code.
+
+    ``state_dir`` is the agent's own directory on the host, where it also remembers
+    which store it trusts (agents/trust.py)."""
     # Before the agent is built: loggers it binds then keep the configuration.
     logs.configure(common.log_format)
     logs.always(node=common.node)
@@ -160,6 +165,7 @@ def run(
             resync_interval_s=common.resync_interval,
             max_parallel=max_parallel,
             store_retry_max_s=common.store_retry_max,
+            trust_file=state_dir / f".trust-{common.node}.json" if state_dir else None,
         ),
         stop=stop,
     )

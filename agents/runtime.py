@@ -16,6 +16,9 @@ runtime owns everything else, identically for every agent::
   after, and its failures back off exponentially with jitter (agents/backoff.py);
 - invalid intent holds the last valid intent seen for that app: nothing is
   removed or stopped because of it, and the error is reported in ``reality/``;
+- absence is not intent: a store that is not the one the agent converged from, or a
+  node whose every assignment vanished at once, holds everything (agents/trust.py)
+  until the trusted intent is back; the agent says so once per change;
 - an unreachable store leaves the host as it is and is logged once per change;
   it is probed again after a short, capped, jittered delay, and reports that
   could not be written are written when it is back;
@@ -36,14 +39,15 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
 
 import structlog
 
-from agents import backoff
+from agents import backoff, trust
 from agents.workqueue import WorkQueue
-from intent.model import Reality, Status, is_safe_name
+from intent.model import AgentState, AgentStatus, Reality, Status, is_safe_name
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable
 from intent.store.kv import WatchToken
 
@@ -125,6 +129,11 @@ class RuntimeOptions:
     """The cap of the jittered delay between attempts to reach an unreachable store."""
     stop_grace_s: float = 5.0
     """How long a stopping agent waits for a converge step that ignores the stop."""
+    trust_file: Path | None = None
+    """Where the agent remembers the store it trusts (agents/trust.py); None: in memory."""
+    held_recheck_s: float = 10.0
+    """How often a held agent reads the store again besides its watch (jittered): an
+    operator's ``pp init --adopt`` changes no key the watch covers."""
 
 
 @dataclass
@@ -173,6 +182,10 @@ class Runtime:
         self._last_report_error: str | None = None
         self._last_pass_error: str | None = None
         self._signals: socket.socket | None = None
+        self._trust = trust.Guard(store, options.node, trust.MemoryFile(options.trust_file))
+        self._held: str | None = None
+        """Why the agent holds (agents/trust.py), or None while it acts on the store."""
+        self._status_written: tuple[AgentState, str | None] | None = None
 
     # -- one pass -------------------------------------------------------------------------
 
@@ -185,6 +198,7 @@ class Runtime:
     def _pass(self, force: bool, drain: bool) -> bool:
         try:
             intents = self.store.apps_for_node(self.options.node)
+            verdict = self._trust.check(frozenset(i.app for i in intents))
         except StoreError as exc:
             self._store_state(False, exc)
             return False
@@ -193,6 +207,9 @@ class Runtime:
             return False
         self._store_state(True)
         self._last_pass_error = None
+        self._set_held(verdict.reason if not verdict.trusted else None)
+        if not verdict.trusted:
+            return False  # nothing begins, converges or is removed on what we cannot trust
 
         effective, changed = self._take_intents(intents)
         try:
@@ -453,6 +470,22 @@ class Runtime:
             self.log.warning("store.unreachable", error=str(error), holding="current state")
             self._wake.set()  # the loop now probes the store on the short schedule
 
+    def _set_held(self, reason: str | None) -> None:
+        """Say once per change whether the agent holds, in the log and in the store."""
+        if reason != self._held:
+            if reason is not None:
+                self.log.warning("store.untrusted", reason=reason, holding="everything")
+            elif self._status_written is not None:
+                self.log.info("store.trusted")
+        self._held = reason
+        state: AgentState = "trusting" if reason is None else "held"
+        if self._status_written != (state, reason):
+            status = AgentStatus(
+                node=self.options.node, agent=self.agent.name, state=state, reason=reason
+            )
+            if self._quietly(lambda: self.store.write_agent_status(status)):
+                self._status_written = (state, reason)
+
     def _pass_failed(self, event: str, exc: Exception) -> None:
         """A pass raised what it never should (reading intent, or a bug): log it once
         per distinct error, with its traceback, hold everything and try again on the
@@ -568,6 +601,8 @@ class Runtime:
             failures = self._store_failures
         if failures:
             deadlines.append(self.clock() + self._store_retry(failures))
+        if self._held is not None:
+            deadlines.append(self.clock() + self.options.held_recheck_s * random.uniform(0.8, 1.2))
         return min(deadlines)
 
     def _watch(self) -> None:

@@ -24,8 +24,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from agents.system import fs
-from intent.model import StoreIdentity
+from intent.model import IntentError, StoreIdentity
+from intent.store import IntentStore
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class MemoryFile:
         self.path = path
         """None keeps the memory in this process only (tests, one-off runs)."""
         self._cached: Memory | None = None
+        self._save_failed = False
 
     def load(self) -> Memory:
         if self._cached is not None:
@@ -119,10 +125,45 @@ class MemoryFile:
         return memory
 
     def save(self, memory: Memory) -> None:
+        """Remember ``memory``; an unwritable file is logged once and the memory kept
+        in this process, so the agent still works (and holds within this run)."""
         if memory == self._cached:
             return
-        if self.path is not None:
-            data = {"identity": memory.identity, "assigned": sorted(memory.assigned)}
+        self._cached = memory
+        if self.path is None:
+            return
+        data = {"identity": memory.identity, "assigned": sorted(memory.assigned)}
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fs.write_atomic(self.path, json.dumps(data, sort_keys=True).encode(), 0o600)
-        self._cached = memory
+        except OSError as exc:
+            if not self._save_failed:
+                log.warning("trust.memory_unwritable", path=str(self.path), error=str(exc))
+            self._save_failed = True
+        else:
+            self._save_failed = False
+
+
+class Guard:
+    """Reads what ``assess`` needs from the store, and remembers what it trusted.
+
+    Costs one read per pass (the identity), plus one when the node has no assignment
+    (the emptied record). Store errors propagate: an unreachable store holds anyway."""
+
+    def __init__(self, store: IntentStore, node: str, memory: MemoryFile) -> None:
+        self.store = store
+        self.node = node
+        self.memory = memory
+
+    def check(self, assigned: frozenset[str]) -> Verdict:
+        identity_error = None
+        try:
+            identity = self.store.identity()
+        except IntentError as exc:
+            identity, identity_error = None, str(exc)
+        emptied = not assigned and self.store.is_emptied(self.node)
+        seen = Seen(identity, assigned, emptied, identity_error)
+        verdict = assess(self.memory.load(), seen, self.node)
+        if verdict.trusted:
+            self.memory.save(verdict.remember)
+        return verdict

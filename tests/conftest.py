@@ -27,7 +27,7 @@ def _missing(reason: str, require_var: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def preparer_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """pp-preparer keeps its locks in a system directory unless told otherwise: every
     preparer a test starts, in process or not, keeps them in a temp dir instead."""
@@ -37,6 +37,18 @@ def preparer_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield path
     finally:
         os.environ.pop("PP_PREPARER_STATE_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def agent_state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test's agents remember the store they trust in a directory of the test's
+    own: one test's store is never another's."""
+    root = tmp_path_factory.mktemp("agent-state")
+    os.environ["PP_STATE_ROOT"] = str(root)
+    try:
+        yield root
+    finally:
+        os.environ.pop("PP_STATE_ROOT", None)
 
 
 @pytest.fixture(scope="session")

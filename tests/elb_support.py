@@ -23,6 +23,7 @@ from agents.elb_registrar.apply import Settings
 from agents.runtime import Runtime, RuntimeOptions
 from agents.system.aws import Aws
 from intent import keys
+from intent.cli.operator import unassign
 from intent.model import Reality
 from intent.store import IntentStore
 
@@ -314,7 +315,7 @@ class Node:
         self.store.put_json(keys.node_app(self.name, app), {"cluster": cluster})
 
     def unassign(self, app: str) -> None:
-        self.store.delete(keys.node_app(self.name, app))
+        unassign(self.store, self.name, [app], "tester")  # as `pp unassign` does
 
     def converge(self) -> bool:
         return self.runtime.run_pass(force=True)

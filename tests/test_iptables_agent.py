@@ -19,6 +19,7 @@ from agents.iptables.rules import INPUT, PREROUTING
 from agents.runtime import Runtime, RuntimeOptions
 from agents.system.iptables import IptablesError
 from intent import keys
+from intent.cli.operator import unassign
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore
 
@@ -157,7 +158,7 @@ def test_a_failed_removal_is_reported_and_retried(store: IntentStore) -> None:
     put_app(store, "web", [{"name": "http", "port": 8080}])
     rt = runtime(store, tables)
     rt.run_pass(force=True)
-    store.delete(keys.node_app(NODE, "web"))
+    unassign(store, NODE, ["web"], "tester")  # its last app: emptied on purpose
     restore = tables.restore
 
     def refuse(rules: str) -> None:

@@ -36,6 +36,7 @@ from agents.system.archive import Limits
 from agents.system.fetch import FetchOptions
 from agents.system.layout import AppLayout
 from intent import keys
+from intent.cli.operator import unassign
 from intent.model import Reality
 from intent.signing import sign
 from intent.store import open_store
@@ -391,7 +392,7 @@ def test_an_unassigned_app_keeps_its_installs_and_loses_its_report(world: World)
     sha = world.publish("hello", "1.0")
     world.assign("hello", {"1.0": active(sha)})
     world.run()
-    world.store.delete(keys.node_app(NODE, "hello"))
+    unassign(world.store, NODE, ["hello"], "tester")  # the node's last app: emptied on purpose
     world.run()
     assert world.layout("hello").is_installed("1.0", sha)
     assert world.store.reality(node=NODE, app="hello") == []

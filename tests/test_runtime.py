@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions
 from intent import keys
+from intent.cli.operator import unassign
 from intent.model import Reality
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable, open_store
 from intent.store.kv import Entry
@@ -247,7 +248,7 @@ def test_unassigned_apps_are_removed_and_their_reality_cleared(store: IntentStor
     agent = RecordingAgent()
     rt = runtime(store, agent)
     rt.run_pass()
-    store.delete(keys.node_app(NODE, "hello"))
+    unassign(store, NODE, ["hello"], "tester")  # its last app: the node is emptied on purpose
     assert rt.run_pass() is True
     assert agent.removed == ["hello"]
     assert store.reality(node=NODE) == []
@@ -340,12 +341,116 @@ class HidingKV(SqliteStore):
 
 def test_an_empty_listing_alone_never_removes_an_app(tmp_path: Path) -> None:
     kv = HidingKV(tmp_path / "intent.db")
-    _, agent, rt = converged_on(kv)
+    store, agent, rt = converged_on(kv)
     kv.hide = True
     with capture_logs() as logs:
         assert rt.run_pass(force=True) is False
     assert agent.removed == []
+    assert "store.untrusted" in [e["event"] for e in logs]  # every assignment vanished
+
+    # Even where the node is recorded as emptied, the exact key must be gone too.
+    store.put_json(keys.emptied(NODE), {"at": 0, "actor": "tester"})
+    with capture_logs() as logs:
+        assert rt.run_pass(force=True) is False
+    assert agent.removed == []
     assert "remove.held" in [e["event"] for e in logs]
+
+
+# -- trust: absence is not intent ---------------------------------------------------------
+
+
+def trusting(store: IntentStore, agent: Agent, trust_file: Path) -> Runtime:
+    options = RuntimeOptions(node=NODE, trust_file=trust_file)
+    return Runtime(agent, store, options, clock=Clock())
+
+
+def held(store: IntentStore) -> str | None:
+    (status,) = store.agent_statuses(NODE)
+    return status.reason if status.state == "held" else None
+
+
+def wipe(store: IntentStore) -> None:
+    for entry in store.kv.list(store.prefix):
+        store.kv.delete(entry.key)
+
+
+def test_a_wiped_store_holds_everything_and_the_restored_one_resumes_without_a_converge(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite://{tmp_path / 'intent.db'}")
+    put_app(store, "hello")
+    put_app(store, "other")
+    store.ensure_identity("tester")
+    backup = [(e.key, e.value) for e in store.kv.list(store.prefix)]
+    agent = RecordingAgent()
+    rt = trusting(store, agent, tmp_path / "state" / "trust-web1.json")
+    assert rt.run_pass() is True
+    converges = len(agent.converged)
+
+    wipe(store)
+    with capture_logs() as logs:
+        assert rt.run_pass(force=True) is False
+        assert rt.run_pass(force=True) is False
+    assert agent.removed == [] and agent.on_host == {"hello", "other"}
+    untrusted = [e for e in logs if e["event"] == "store.untrusted"]
+    assert len(untrusted) == 1  # once per change, not once per pass
+    assert "has no identity record" in untrusted[0]["reason"]
+    assert "has no identity record" in (held(store) or "")
+
+    for key, value in backup:  # what `consul kv import` of a backup does
+        store.kv.put(key, value)
+    with capture_logs() as logs:
+        assert rt.run_pass(force=True) is True
+    assert "store.trusted" in [e["event"] for e in logs]
+    assert held(store) is None
+    assert agent.removed == []
+    # A resync converges every app again, but nothing was redone for the outage itself.
+    assert len(agent.converged) == converges + 2
+
+
+def test_a_hold_survives_a_restart_against_another_empty_store(tmp_path: Path) -> None:
+    first = open_store(f"sqlite://{tmp_path / 'first.db'}")
+    put_app(first, "hello")
+    first.ensure_identity("tester")
+    agent = RecordingAgent()
+    memory = tmp_path / "state" / "trust-web1.json"
+    assert trusting(first, agent, memory).run_pass() is True
+
+    other = open_store(f"sqlite://{tmp_path / 'other.db'}")  # a fresh store, as after a mistake
+    other.ensure_identity("someone")
+    restarted = trusting(other, agent, memory)
+    assert restarted.run_pass(force=True) is False
+    assert agent.removed == []
+    reason = held(other) or ""
+    assert "this host converged from store" in reason and "pp init --adopt" in reason
+
+    # The operator declares the new store the successor: the agent goes on.
+    identity = first.identity()
+    assert identity is not None
+    other.adopt(identity.id, "operator")
+    unassign(other, NODE, [], "operator")  # and that the node is meant to be empty
+    assert restarted.run_pass(force=True) is True
+    assert agent.removed == ["hello"]
+
+
+def test_a_node_whose_assignments_all_vanish_holds_while_other_nodes_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite://{tmp_path / 'intent.db'}")
+    put_app(store, "hello")
+    put_app(store, "other")
+    put_app(store, "hello", node="web2")
+    agent = RecordingAgent()
+    rt = trusting(store, agent, tmp_path / "trust.json")
+    assert rt.run_pass() is True
+    store.delete(keys.node_app(NODE, "hello"))
+    store.delete(keys.node_app(NODE, "other"))
+    assert rt.run_pass(force=True) is False
+    assert agent.removed == []
+    assert "every assignment of web1 vanished at once" in (held(store) or "")
+    unassign(store, NODE, [], "operator")  # `pp unassign --all web1`
+    assert rt.run_pass(force=True) is True
+    assert sorted(agent.removed) == ["hello", "other"]
 
 
 class DenyingReality(SqliteStore):

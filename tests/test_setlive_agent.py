@@ -31,7 +31,7 @@ from agents.setlive.observe import Paths
 from agents.system import fs, runit
 from agents.system.layout import AppLayout, InstallMarker
 from intent import keys
-from intent.cli.operator import request_retry
+from intent.cli.operator import request_retry, unassign
 from intent.model import Reality
 from intent.store import IntentStore
 from intent.store.sqlite import SqliteStore
@@ -479,7 +479,7 @@ def test_no_active_version_stops_the_app_and_removal_takes_it_away(host: Host) -
     assert get(port) == (200, "stopper 1")
     pid = host.status("stopper").pid
 
-    host.store.delete(keys.node_app(NODE, "stopper"))
+    unassign(host.store, NODE, ["stopper"], "tester")
     assert host.converge()
     assert not (host.paths.runit_dir / "stopper").exists()
     assert not host.service("stopper").exists()

@@ -114,7 +114,9 @@ def main(**params: Any) -> None:
             peer_freshness_s=params["peer_freshness"],
         )
 
-    entrypoint.run(common, build, max_parallel=params["parallel"])
+    entrypoint.run(
+        common, build, max_parallel=params["parallel"], state_dir=params["state_dir"].absolute()
+    )
 
 
 if __name__ == "__main__":

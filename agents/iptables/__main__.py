@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 import click
 
+from agents import statedir
 from agents.entrypoint import AgentCommand, common_options, fail, pop_common, run
 from agents.iptables.agent import Ip6tablesAgent, IptablesAgent
 from agents.system.iptables import Iptables
@@ -65,6 +67,13 @@ def _suffixed(words: list[str], suffix: str) -> list[str]:
     metavar="COMMAND",
     help="iptables-save command (default: the --iptables command + '-save').",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="/var/lib/platypus/<agent> for root, else ~/.local/state/platypus/<agent>",
+    help="The agent's own notes on the host (which store it trusts).",
+)
 def main(**params: Any) -> None:
     """Open and map the ports of the apps assigned to this node, in chains of its own."""
     common = pop_common(params)
@@ -73,7 +82,12 @@ def main(**params: Any) -> None:
         *commands(ipv6, params["iptables_cmd"], params["restore_cmd"], params["save_cmd"])
     )
     agent_class = Ip6tablesAgent if ipv6 else IptablesAgent
-    run(common, lambda store, stop: agent_class(store, common.node, tables))
+    state_dir = (params["state_dir"] or statedir.default(agent_class.name)).absolute()
+    run(
+        common,
+        lambda store, stop: agent_class(store, common.node, tables),
+        state_dir=state_dir,
+    )
 
 
 if __name__ == "__main__":

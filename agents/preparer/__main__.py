@@ -170,7 +170,7 @@ def main(**params: Any) -> None:
             settings, repo, params["keep_old"], store, common.node, state_dir=state_dir, stop=stop
         )
 
-    entrypoint.run(common, build, max_parallel=params["max_parallel"])
+    entrypoint.run(common, build, max_parallel=params["max_parallel"], state_dir=state_dir)
 
 
 def _allowed_sources(value: str | None, repo: str | None) -> tuple[str, ...]:

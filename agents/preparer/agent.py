@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from agents import statedir
 from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
@@ -36,7 +37,7 @@ from intent.store import AppIntent, IntentStore, StoreError
 
 log = structlog.get_logger()
 
-DEFAULT_STATE_DIR = "/var/lib/platypus/preparer"
+DEFAULT_STATE_DIR = str(statedir.SYSTEM_ROOT / "preparer")
 STATE_DIR_VAR = "PP_PREPARER_STATE_DIR"
 
 
@@ -254,10 +255,7 @@ def default_state_dir() -> Path:
     needs no setup."""
     if configured := os.environ.get(STATE_DIR_VAR):
         return Path(configured)
-    if os.geteuid() == 0:
-        return Path(DEFAULT_STATE_DIR)
-    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "platypus" / "preparer"
+    return statedir.default("preparer")
 
 
 def _owner(run_as: str) -> tuple[int, int] | None:

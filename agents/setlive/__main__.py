@@ -125,7 +125,7 @@ def main(**params: Any) -> None:
             guard_deadline_s=params["guard_deadline"],
         )
 
-    entrypoint.run(common, build, max_parallel=params["parallel"])
+    entrypoint.run(common, build, max_parallel=params["parallel"], state_dir=paths.state_dir)
 
 
 if __name__ == "__main__":

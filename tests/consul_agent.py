@@ -291,6 +291,7 @@ class ConsulCluster:
                 if self.client.leader():
                     return self
                 time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"no consul cluster with a leader; see the logs in {self.root}")
 
     def leader(self) -> ConsulNode:

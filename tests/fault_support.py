@@ -393,6 +393,12 @@ def node(runsvdir: Runsvdir, store_url: str, **options: Any) -> Iterator[Node]:
         made.close()
 
 
+DEPLOY_INTERVAL_S = (0.3, 2.0)
+LIFETIME_S = (0.3, 2.5)
+"""How long a supervised agent lives in a chaos run, from its start to its SIGKILL:
+agents take about a second to start, so most kills land in their work."""
+
+
 @dataclass
 class Chaos:
     """What a chaos run did and saw."""
@@ -423,10 +429,11 @@ class Chaos:
 
 
 def chaos(n: Node, seed: int, deploys: int, kills: int, apps: tuple[str, ...]) -> Chaos:
-    """Deploy ``deploys`` new versions across ``apps`` while another thread kill -9s a
-    random supervised agent at random moments, at least ``kills`` times; then wait for
-    every app to converge on its last version. Each thread draws from its own
-    generator seeded from ``seed``, so a seed replays the same schedule."""
+    """Deploy ``deploys`` new versions across ``apps`` while each supervised agent is
+    SIGKILLed at a random moment of its life (``LIFETIME_S`` after its start: while it
+    starts, observes, installs, switches or gates), at least ``kills`` times in all;
+    then wait for every app to converge on its last version. Each stream draws from its
+    own generator seeded from ``seed``, so a seed replays the same schedule."""
     result = Chaos(seed)
     for app in apps:
         n.assign(app)
@@ -449,18 +456,28 @@ def chaos(n: Node, seed: int, deploys: int, kills: int, apps: tuple[str, ...]) -
             latest[app] += 1
             n.deploy(app, str(latest[app]))
             result.deploys += 1
-            time.sleep(rng.uniform(0.1, 0.8))
+            time.sleep(rng.uniform(*DEPLOY_INTERVAL_S))
         deploying.clear()
 
     started = time.monotonic()
     thread = threading.Thread(target=deployer, name="deployer")
     thread.start()
-    rng = random_from(seed, "kills")
+    lifetimes = {agent: random_from(seed, f"kills/{agent}") for agent in AGENTS}
+    doomed: dict[str, tuple[int, float]] = {}
+    """The process each agent runs now and when it dies."""
     while deploying.is_set() or sum(result.kills.values()) < kills:
-        time.sleep(rng.uniform(0.05, 0.5))
-        agent = rng.choice(AGENTS)
-        if n.kill9(agent):
-            result.kills[agent] += 1
+        for agent in AGENTS:
+            status = runit.status(n.service(agent))
+            if status.pid is None or status.started_at is None:
+                continue
+            if doomed.get(agent, (None,))[0] != status.pid:
+                doomed[agent] = (
+                    status.pid,
+                    status.started_at + lifetimes[agent].uniform(*LIFETIME_S),
+                )
+            elif time.time() >= doomed[agent][1] and n.kill9(agent):
+                result.kills[agent] += 1
+        time.sleep(0.01)
     thread.join()
     result.seconds = time.monotonic() - started
     last = time.monotonic()

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_support import Namespace, missing, ours, require_netns, theirs
 
 from agents.iptables.agent import IptablesAgent
 from agents.runtime import Runtime, RuntimeOptions
@@ -78,62 +78,21 @@ except OSError as exc:
 """
 
 
-def _missing(reason: str) -> None:
-    """Skip where root or namespaces are absent; fail where CI promises them."""
-    if os.environ.get("PP_REQUIRE_NETNS") == "1":
-        pytest.fail(f"{reason}, but PP_REQUIRE_NETNS=1", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def netns_ready() -> None:
-    if os.geteuid() != 0:
-        _missing("needs root to create network namespaces")
-    for tool in ("ip", "iptables", "iptables-save", "iptables-restore", "ip6tables"):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} not found (apt-get install iptables iproute2)")
-    name = f"pp-{secrets.token_hex(4)}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        _missing(f"cannot create a network namespace: {made.stderr.strip()}")
-    try:
-        probe = subprocess.run(
-            ["ip", "netns", "exec", name, "iptables-save"], capture_output=True, text=True
-        )
-        if probe.returncode != 0:
-            _missing(f"iptables does not work in a namespace: {probe.stderr.strip()}")
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+    require_netns()
 
 
 @dataclass
-class Host:
-    """One network namespace; every command given to it runs inside it."""
+class Host(Namespace):
+    """One network namespace standing for a host, with the servers it runs."""
 
-    ns: str
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *args]
-
-    def run(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=30)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def save(self, family: str = "iptables") -> str:
-        """``iptables-save -c`` without its time-stamped comment lines."""
-        text = self.run(f"{family}-save", "-c")
-        return "".join(line for line in text.splitlines(True) if not line.startswith("#"))
 
     def tables(self, family: str = "iptables") -> Iptables:
         return Iptables(
             self.argv(family), self.argv(f"{family}-restore"), self.argv(f"{family}-save")
         )
-
-    def flags(self, family: str = "iptables") -> list[str]:
-        return ["--iptables", " ".join(self.argv(family))]
 
     def serve(self, port: int, reply: str, proto: str = "tcp") -> None:
         server = subprocess.Popen(
@@ -229,14 +188,6 @@ def reality(store: IntentStore, app: str) -> tuple[str, str | None]:
     return report.status, report.error
 
 
-def ours(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "PLATYPUS" in line]
-
-
-def theirs(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "PLATYPUS" not in line]
-
-
 # -- traffic ----------------------------------------------------------------------------
 
 
@@ -288,10 +239,7 @@ def test_ipv6_rules_are_applied_with_ip6tables(
 def test_the_legacy_backend_works_the_same(hosts: tuple[Host, Host], store: IntentStore) -> None:
     node, client = hosts
     if subprocess.run(node.argv("iptables-legacy-save"), capture_output=True).returncode != 0:
-        reason = "the kernel offers no legacy xtables in a namespace (nft is covered)"
-        if os.environ.get("PP_REQUIRE_NETNS") == "1":
-            pytest.fail(f"{reason}, but PP_REQUIRE_NETNS=1", pytrace=False)
-        pytest.skip(reason)
+        missing("the kernel offers no legacy xtables in a namespace (nft is covered)")
     node.run("iptables-legacy", "-P", "INPUT", "DROP")
     node.run("iptables", "-P", "INPUT", "ACCEPT")
     node.serve(8080, "legacy")

@@ -20,9 +20,12 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import tenacity
 
 from agents.system import fs
 
@@ -156,36 +159,38 @@ def status(service: Path) -> ServiceStatus:
     )
 
 
-def wait_supervised(service: Path, timeout_s: float, poll_s: float = 0.05) -> bool:
+def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False): runsv
+    and runsvdir announce nothing, their state can only be looked at again."""
+    polling = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda held: not held),
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(poll_s),
+        retry_error_callback=lambda _: False,
+    )
+    return bool(polling(condition))
+
+
+def wait_supervised(service: Path, timeout_s: float) -> bool:
     """Wait for ``runsvdir`` to pick a newly linked service up (it scans every 5 s)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if is_supervised(service) and (service / "supervise" / "status").exists():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
+    return wait_until(
+        lambda: is_supervised(service) and (service / "supervise" / "status").exists(), timeout_s
+    )
 
 
-def wait_down(service: Path, timeout_s: float, poll_s: float = 0.05) -> bool:
+def wait_down(service: Path, timeout_s: float) -> bool:
     """Wait until runsv reports the service down and not wanted up (after ``down``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def down_for_good() -> bool:
         current = status(service)
-        if not current.supervised or (current.state == "down" and current.want_up is False):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
+        return not current.supervised or (current.state == "down" and current.want_up is False)
+
+    return wait_until(down_for_good, timeout_s)
 
 
-def wait_unsupervised(service: Path, timeout_s: float, poll_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while is_supervised(service):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
-    return True
+def wait_unsupervised(service: Path, timeout_s: float) -> bool:
+    """Wait for the service's ``runsv`` to exit (after ``exit_supervisor``)."""
+    return wait_until(lambda: not is_supervised(service), timeout_s)
 
 
 def control(service: Path, commands: str) -> None:

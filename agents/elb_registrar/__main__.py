@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from agents import entrypoint
+from agents import entrypoint, statedir
 from agents.elb_registrar.agent import DEFAULT_STATE_DIR, ElbRegistrar, Identity
 from agents.elb_registrar.apply import Settings
 from agents.system.aws import Aws
@@ -42,8 +42,8 @@ def _instance_id(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_STATE_DIR,
-    show_default=True,
+    default=None,
+    show_default=f"{DEFAULT_STATE_DIR} for root, else ~/.local/state/platypus/elb-registrar",
     help="Where the agent records which load balancers it registered each app in.",
 )
 @click.option(
@@ -93,6 +93,7 @@ def main(**params: Any) -> None:
     """Keep this instance in each app's load balancers exactly while the app's active
     version runs here, passes its health check, and the node is not drained."""
     common = entrypoint.pop_common(params)
+    state_dir = (params["state_dir"] or statedir.default(ElbRegistrar.name)).absolute()
     identity = Identity(params["instance_id"], params["imds_endpoint"])
     settings = Settings(
         inservice_timeout_s=params["inservice_timeout"],
@@ -107,16 +108,14 @@ def main(**params: Any) -> None:
             common.node,
             aws,
             identity,
-            state_dir=params["state_dir"].absolute(),
+            state_dir=state_dir,
             settings=settings,
             stage=params["stage"].absolute(),
             stop=stop,
             peer_freshness_s=params["peer_freshness"],
         )
 
-    entrypoint.run(
-        common, build, max_parallel=params["parallel"], state_dir=params["state_dir"].absolute()
-    )
+    entrypoint.run(common, build, max_parallel=params["parallel"], state_dir=state_dir)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from agents import health
+from agents import health, statedir
 from agents.elb_registrar import observe
 from agents.elb_registrar.apply import Applied, Context, Settings, apply
 from agents.elb_registrar.plan import (
@@ -52,7 +52,7 @@ from intent.store import AppIntent, IntentStore, StoreError
 
 log = structlog.get_logger()
 
-DEFAULT_STATE_DIR = Path("/var/lib/platypus/elb-registrar")
+DEFAULT_STATE_DIR = statedir.SYSTEM_ROOT / AGENT
 REMOVE_DRAIN_WAIT_S = 15.0
 """Removal runs on the runtime's loop thread: it waits this long for draining at
 most, then reports ``converging`` and looks again on a later pass."""

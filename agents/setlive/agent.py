@@ -7,7 +7,6 @@ import pwd
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +276,7 @@ class SetliveAgent(Agent):
             failed_at=time.time(),
             retry_token=intent.retry_token,
         )
-        state = self.state.load(intent.app)
-        self.state.save(intent.app, replace(state, failure=failure, pending=None))
+        self.state.update(intent.app, failure=failure, pending=None)
         log.warning(
             "setlive.rollback",
             app=intent.app,

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -192,7 +192,7 @@ def _step(
     stage = ctx.paths.stage
     match action:
         case ClearFailure():
-            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), failure=None))
+            ctx.state.update(ctx.app, failure=None)
         case AcquireLease(min_nodes=min_nodes):
             result.wait = lease.acquire(min_nodes)
             return result.wait is not None
@@ -209,13 +209,13 @@ def _step(
                 return True
         case SavePending(target=target, from_version=from_version):
             pending = Pending(target, from_version, time.time())
-            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=pending))
+            ctx.state.update(ctx.app, pending=pending)
         case SetPrevious(version=version):
             fs.symlink_atomic(_relative_install(ctx.layout, version), ctx.layout.previous)
         case SetCurrent(version=version):
             now = time.time()
             fs.symlink_atomic(_relative_install(ctx.layout, version), ctx.layout.current)
-            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), last_switch_at=now))
+            ctx.state.update(ctx.app, last_switch_at=now)
             log.info("setlive.switched", app=ctx.app, version=version)
         case LinkService(name=name):
             runit.link(stage / name, ctx.paths.runit_dir, name)
@@ -247,11 +247,10 @@ def _step(
                 result.gate, result.gate_action = None, None
                 result.wait = f"stopped during the health gate of {action.version}"
             if result.gate is not None and result.gate.healthy:
-                state = ctx.state.load(ctx.app)
-                ctx.state.save(ctx.app, replace(state, last_good=action.version))
+                ctx.state.update(ctx.app, last_good=action.version)
             return result.wait is not None or result.gate is None or not result.gate.healthy
         case ClearPending():
-            ctx.state.save(ctx.app, replace(ctx.state.load(ctx.app), pending=None))
+            ctx.state.update(ctx.app, pending=None)
     return False
 
 

@@ -27,7 +27,6 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -76,7 +75,7 @@ def roll_back(
         failed_at=time.time(),
         retry_token=retry_token,
     )
-    state.save(layout.app, replace(state.load(layout.app), failure=failure, pending=None))
+    state.update(layout.app, failure=failure, pending=None)
     target = os.path.relpath(layout.install_dir(from_version), layout.basedir)
     fs.symlink_atomic(target, layout.current)
     for name in services:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from agents.system import fs
 
@@ -74,7 +75,13 @@ class StateDir:
         except TypeError:
             return AppState()
 
-    def save(self, app: str, state: AppState) -> None:
+    def update(self, app: str, **changes: Any) -> AppState:
+        """Change some of ``app``'s notes and keep the rest; returns the notes saved."""
+        state = replace(self.load(app), **changes)
+        self._save(app, state)
+        return state
+
+    def _save(self, app: str, state: AppState) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         data = {
             "pending": asdict(state.pending) if state.pending else None,

@@ -14,13 +14,20 @@ import structlog
 
 from agents import health
 from agents.runtime import Agent, Outcome
-from agents.setlive import observe as obs
 from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
-from agents.setlive.plan import Desired, Observed, Plan, VersionInfo, fingerprint, plan
-from agents.setlive.services import ENV_DIR, render
+from agents.setlive.observe import (
+    Paths,
+    health_of,
+    observe,
+    services_of,
+    staged_entries,
+    staged_services,
+)
+from agents.setlive.plan import Desired, Observed, Plan, plan
+from agents.setlive.services import ENV_DIR
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
-from agents.system.layout import AppLayout, InstallMarker, LaunchEntries
+from agents.system.layout import AppLayout
 from intent.model import DeployConfig, Reality
 from intent.store import AppIntent, IntentStore, StoreError
 
@@ -38,7 +45,7 @@ class SetliveAgent(Agent):
         self,
         store: IntentStore,
         node: str,
-        paths: obs.Paths,
+        paths: Paths,
         *,
         supervise_timeout_s: float = 7.0,
         lease_ttl_s: float = 30.0,
@@ -56,8 +63,6 @@ class SetliveAgent(Agent):
         self.stop = stop
         self.guard_deadline_s = guard_deadline_s
         self._trackers: dict[str, health.HealthTracker] = {}
-        self._probes: dict[str, tuple[str, health.CheckResult]] = {}
-        """The check made while observing, reused for the report when nothing changed."""
 
     # -- runtime hooks ----------------------------------------------------------------------
 
@@ -73,16 +78,15 @@ class SetliveAgent(Agent):
                             entry.unlink()
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
-        apps = set(obs.staged_services(self.paths.stage).values()) | set(self.state.apps())
+        apps = set(staged_services(self.paths.stage).values()) | set(self.state.apps())
         return sorted(apps - set(assigned))
 
     def remove(self, app: str) -> Outcome:
-        for name, owner in obs.staged_services(self.paths.stage).items():
-            if owner == app:
-                try:
-                    retire(self.paths, name, self.supervise_timeout_s)
-                except runit.RunitError as exc:
-                    return Outcome.converging(f"removing {name}: {exc}")
+        for name in services_of(self.paths.stage, app):
+            try:
+                retire(self.paths, name, self.supervise_timeout_s)
+            except runit.RunitError as exc:
+                return Outcome.converging(f"removing {name}: {exc}")
         self.state.remove(app)
         self._trackers.pop(app, None)
         return Outcome.converged()
@@ -94,7 +98,8 @@ class SetliveAgent(Agent):
             return Outcome.failed(problem)
         ctx = self._context(intent)
         for _ in range(MAX_ROUNDS):
-            desired, observed = self._observe(intent, ctx)
+            notes = self.state.load(intent.app)
+            desired, observed = observe(intent, ctx.layout, self.paths, notes, ctx.check)
             the_plan = plan(desired, observed)
             result = apply(the_plan, ctx)
             gate_action = result.gate_action
@@ -104,7 +109,7 @@ class SetliveAgent(Agent):
             return self._outcome(intent, ctx, the_plan, result, observed)
         return Outcome.failed("internal error: no stable plan after a rollback")
 
-    # -- observe ------------------------------------------------------------------------------
+    # -- the app's settings -----------------------------------------------------------------
 
     def _intent_problem(self, deploy: DeployConfig) -> str | None:
         try:
@@ -166,98 +171,7 @@ class SetliveAgent(Agent):
         env = health.check_env() | {"PP_VERSION": version}
         return health.build_check(hc, host="127.0.0.1", port=port, exec_argv=argv, exec_env=env)
 
-    def _observe(self, intent: AppIntent, ctx: ApplyContext) -> tuple[Desired, Observed]:
-        config, deploy = intent.config, intent.deploy
-        assert config is not None and deploy is not None and intent.cluster is not None
-        layout = ctx.layout
-        state = self.state.load(intent.app)
-        active = config.active_version
-        sha = config.versions[active].sha256 if active else None
-        desired = Desired(
-            app=intent.app,
-            version=active,
-            fingerprint=fingerprint(active, sha, deploy, config.user_config),
-            min_nodes=config.min_nodes,
-        )
-        current = layout.version_of(layout.current)
-        previous = layout.version_of(layout.previous)
-        candidates = {active, current, previous}
-        if state.failure:
-            candidates.add(state.failure.rolled_back_to)
-        if state.pending:
-            candidates.add(state.pending.from_version)
-        gid = pwd.getpwnam(deploy.run_as).pw_gid
-        versions: dict[str, VersionInfo] = {}
-        for version in sorted(v for v in candidates if v is not None):
-            marker = layout.read_marker(version)
-            launch = None
-            if marker is not None and (version != active or marker.sha256 == sha):
-                launch = self._launch(intent.app, version, marker, current)
-            if launch is None:
-                versions[version] = VersionInfo(False)
-                continue
-            entries, error = launch
-            specs = render(
-                app=intent.app,
-                cluster=intent.cluster,
-                entries=entries,
-                deploy=deploy,
-                user_config=config.user_config,
-                stage=self.paths.stage,
-                log_root=self.paths.log_root,
-                gid=gid,
-            )
-            versions[version] = VersionInfo(True, tuple(specs), error)
-        names = {n for n, a in obs.staged_services(self.paths.stage).items() if a == intent.app}
-        names |= {s.name for info in versions.values() for s in info.services}
-        services = {name: obs.observe_service(self.paths, name) for name in sorted(names)}
-        retry_token = intent.retry_token if state.failure is not None else None
-        own = [s for s in services.values() if s.owner == intent.app]
-        healthy = None
-        self._probes.pop(intent.app, None)
-        if own and all(s.status.up for s in own) and current is not None:
-            check = ctx.check(current)
-            probe = health.CheckResult(True, "runit: up (no health check)")
-            if check is not None:
-                probe = check()
-            self._probes[intent.app] = (current, probe)
-            healthy = probe.ok
-        observed = Observed(
-            current=current,
-            previous=previous,
-            versions=versions,
-            services=services,
-            pending=state.pending,
-            failure=state.failure,
-            retry_token=retry_token,
-            healthy=healthy,
-            self_service=obs.self_service(intent.app, services),
-            last_good=state.last_good,
-        )
-        return desired, observed
-
-    def _launch(
-        self, app: str, version: str, marker: InstallMarker, current: str | None
-    ) -> tuple[LaunchEntries, str | None] | None:
-        """The services of an install: what its verified artifact declared, as the
-        preparer recorded in the marker; never what the install holds now (its app
-        can add to it, and each entry becomes a service runit supervises as root).
-
-        A marker written before that record (the agents were just upgraded) gives no
-        list. For the version that runs, the services already staged for the app stand
-        in (root's own record of what it supervises), so upgrading the agents neither
-        stops nor changes a running app; the preparer verifies its artifact again and
-        rewrites the marker. Any other version waits for that (None: not installed).
-        """
-        if marker.launch is not None:
-            return marker.launch, marker.launch_error
-        if version == current:
-            staged = obs.staged_entries(self.paths.stage, app)
-            if staged:
-                return staged, None
-        return None
-
-    # -- failure and reports -------------------------------------------------------------------
+    # -- failure and reports ----------------------------------------------------------------
 
     def _record_failure(
         self,
@@ -311,8 +225,8 @@ class SetliveAgent(Agent):
         tracker = self._trackers.setdefault(
             app, health.HealthTracker(ctx.gate.healthy_threshold, ctx.gate.unhealthy_threshold)
         )
-        services = sorted(n for n, a in obs.staged_services(self.paths.stage).items() if a == app)
-        statuses = {n: runit.status(self.paths.stage / n) for n in services}
+        stage = self.paths.stage
+        statuses = {n: runit.status(stage / n) for n in services_of(stage, app)}
         version = the_plan.target
         details: dict[str, Any] = {
             "runit": {n: _runit_detail(s) for n, s in statuses.items()},
@@ -342,11 +256,13 @@ class SetliveAgent(Agent):
             tracker.set("healthy" if gate.healthy else "unhealthy")
             output = gate.output
         else:
-            probe = self._probes.get(app)
-            if not the_plan.actions and probe is not None and probe[0] == version:
-                output, ok = probe[1].output, probe[1].ok
+            unchanged = not the_plan.actions and observed.current == version
+            if unchanged and observed.healthy is not None:
+                # Nothing changed since observe checked the app: its answer stands.
+                output, ok = observed.health_output or "", observed.healthy
             else:
-                output, ok = self._probe(ctx, version, statuses)
+                probe = health_of(ctx.check, version, statuses)
+                output, ok = probe.output, probe.ok
             tracker.record(ok)
         details["health"] = tracker.state
         details["health_output"] = output
@@ -358,25 +274,13 @@ class SetliveAgent(Agent):
             return Outcome.converging(the_plan.wait, version, **details)
         return Outcome.converged(version, **details)
 
-    def _probe(
-        self, ctx: ApplyContext, version: str, statuses: dict[str, runit.ServiceStatus]
-    ) -> tuple[str, bool]:
-        not_up = [n for n, s in statuses.items() if not s.up]
-        if not_up or not statuses:
-            return f"runit: {', '.join(not_up) or 'no service'} not up", False
-        check = ctx.check(version)
-        if check is None:
-            return "runit: up (no health check)", True
-        result = check()
-        return result.output, result.ok
-
 
 def _first_service(intent: AppIntent, layout: AppLayout, version: str, stage: Path) -> str:
     """The service whose env dir the health check runs with."""
     marker = layout.read_marker(version)
     entries = marker.launch if marker is not None else None
     if entries is None:
-        entries = obs.staged_entries(stage, intent.app)
+        entries = staged_entries(stage, intent.app)
     first = entries[0] if entries else None
     return intent.app if first is None else f"{intent.app}-{first}"
 

@@ -3,20 +3,33 @@
 Nothing is taken from what setlive last reported or last did: the version that
 really runs is read from the process's own environment (``PP_VERSION``,
 ``PP_CONFIG_DIGEST`` set by ``run``), so a hand-made ``sv down`` or a changed
-``current`` shows up as drift and is repaired.
+``current`` shows up as drift and is repaired. Only setlive's own notes (its
+state directory) say what the host cannot show: a switch in progress, a failure.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.setlive.plan import ServiceObs
-from agents.setlive.services import CONFIG_FILE, DIGEST_VAR, ENV_DIR, OWNER_FILE, FileSpec
+from agents import health
+from agents.setlive.plan import Desired, Observed, ServiceObs, VersionInfo, fingerprint
+from agents.setlive.services import (
+    CONFIG_FILE,
+    DIGEST_VAR,
+    ENV_DIR,
+    OWNER_FILE,
+    FileSpec,
+    render,
+)
 from agents.setlive.services import parse_owner as _parse_owner
+from agents.setlive.state import AppState
 from agents.system import fs, runit
-from agents.system.layout import LaunchEntries
+from agents.system.layout import AppLayout, InstallMarker, LaunchEntries
+from intent.store import AppIntent
 
 MANAGED_FILES = ("run", "log/run", CONFIG_FILE, OWNER_FILE)
 
@@ -33,7 +46,7 @@ def staged_entries(stage: Path, app: str) -> LaunchEntries:
     """The entries of the services staged for ``app``: what root already supervises,
     from setlive's own ``pp-service.json`` files (never from the app's install)."""
     entries: list[str | None] = []
-    for name in sorted(n for n, owner in staged_services(stage).items() if owner == app):
+    for name in services_of(stage, app):
         try:
             owner = _parse_owner((stage / name / OWNER_FILE).read_bytes())
         except OSError:
@@ -152,7 +165,127 @@ def ancestry(pid: int | None = None) -> set[int]:
 
 def self_service(app: str, services: dict[str, ServiceObs]) -> str | None:
     mine = ancestry()
-    for name, obs in sorted(services.items()):
-        if obs.owner == app and obs.status.pid is not None and obs.status.pid in mine:
+    for name, service in sorted(services.items()):
+        if service.owner == app and service.status.pid is not None and service.status.pid in mine:
             return name
     return None
+
+
+# -- one app ---------------------------------------------------------------------------------
+
+
+def observe(
+    intent: AppIntent,
+    layout: AppLayout,
+    paths: Paths,
+    notes: AppState,
+    check: Callable[[str], health.Check | None],
+) -> tuple[Desired, Observed]:
+    """What should run for ``intent`` and what the host runs now, for ``plan``.
+
+    The app's health is checked here when all its services are up, so the planner
+    knows whether a restart would take a healthy node away (``min_nodes``), and the
+    report of a pass that changes nothing can reuse the check's answer."""
+    config, deploy = intent.config, intent.deploy
+    assert config is not None and deploy is not None and intent.cluster is not None
+    active = config.active_version
+    sha = config.versions[active].sha256 if active else None
+    desired = Desired(
+        app=intent.app,
+        version=active,
+        fingerprint=fingerprint(active, sha, deploy, config.user_config),
+        min_nodes=config.min_nodes,
+    )
+    current = layout.version_of(layout.current)
+    previous = layout.version_of(layout.previous)
+    candidates = {active, current, previous}
+    if notes.failure:
+        candidates.add(notes.failure.rolled_back_to)
+    if notes.pending:
+        candidates.add(notes.pending.from_version)
+    gid = pwd.getpwnam(deploy.run_as).pw_gid
+    versions: dict[str, VersionInfo] = {}
+    for version in sorted(v for v in candidates if v is not None):
+        marker = layout.read_marker(version)
+        launch = None
+        if marker is not None and (version != active or marker.sha256 == sha):
+            launch = launch_entries(paths.stage, intent.app, version, marker, current)
+        if launch is None:
+            versions[version] = VersionInfo(False)
+            continue
+        entries, error = launch
+        specs = render(
+            app=intent.app,
+            cluster=intent.cluster,
+            entries=entries,
+            deploy=deploy,
+            user_config=config.user_config,
+            stage=paths.stage,
+            log_root=paths.log_root,
+            gid=gid,
+        )
+        versions[version] = VersionInfo(True, tuple(specs), error)
+    names = set(services_of(paths.stage, intent.app))
+    names |= {s.name for info in versions.values() for s in info.services}
+    services = {name: observe_service(paths, name) for name in sorted(names)}
+    own = {name: s.status for name, s in services.items() if s.owner == intent.app}
+    probe = None
+    if own and all(status.up for status in own.values()) and current is not None:
+        probe = health_of(check, current, own)
+    observed = Observed(
+        current=current,
+        previous=previous,
+        versions=versions,
+        services=services,
+        pending=notes.pending,
+        failure=notes.failure,
+        retry_token=intent.retry_token if notes.failure is not None else None,
+        healthy=probe.ok if probe is not None else None,
+        health_output=probe.output if probe is not None else None,
+        self_service=self_service(intent.app, services),
+        last_good=notes.last_good,
+    )
+    return desired, observed
+
+
+def launch_entries(
+    stage: Path, app: str, version: str, marker: InstallMarker, current: str | None
+) -> tuple[LaunchEntries, str | None] | None:
+    """The services of an install: what its verified artifact declared, as the
+    preparer recorded in the marker; never what the install holds now (its app
+    can add to it, and each entry becomes a service runit supervises as root).
+
+    A marker written before that record (the agents were just upgraded) gives no
+    list. For the version that runs, the services already staged for the app stand
+    in (root's own record of what it supervises), so upgrading the agents neither
+    stops nor changes a running app; the preparer verifies its artifact again and
+    rewrites the marker. Any other version waits for that (None: not installed).
+    """
+    if marker.launch is not None:
+        return marker.launch, marker.launch_error
+    if version == current:
+        staged = staged_entries(stage, app)
+        if staged:
+            return staged, None
+    return None
+
+
+def services_of(stage: Path, app: str) -> list[str]:
+    """The services staged for ``app``, sorted."""
+    return sorted(name for name, owner in staged_services(stage).items() if owner == app)
+
+
+def health_of(
+    check: Callable[[str], health.Check | None],
+    version: str,
+    statuses: Mapping[str, runit.ServiceStatus],
+) -> health.CheckResult:
+    """The health of ``version`` now: its services must all be up, then its check
+    decides (none declared: being up is all there is)."""
+    not_up = [name for name, status in statuses.items() if not status.up]
+    if not_up or not statuses:
+        return health.CheckResult(False, f"runit: {', '.join(not_up) or 'no service'} not up")
+    version_check = check(version)
+    if version_check is None:
+        return health.CheckResult(True, "runit: up (no health check)")
+    return version_check()

@@ -78,6 +78,8 @@ class Observed:
     retry_token: str | None = None
     healthy: bool | None = None
     """The running app's health right now (None: not running or not checked)."""
+    health_output: str | None = None
+    """What that check said (for the report of a pass that changes nothing)."""
     self_service: str | None = None
     """The service of this app that this very setlive runs as (the agent bundle)."""
     last_good: str | None = None

@@ -223,167 +223,256 @@ class Plan:
 # -- the decision ----------------------------------------------------------------------------
 
 
-def plan(d: Desired, o: Observed) -> Plan:
+def plan(desired: Desired, observed: Observed) -> Plan:
+    """The steps from what runs to what must run, in the crash-safe order above.
+
+    Pick the version to run (``_target``); when there is none, stop the app
+    (``_stop``). Otherwise stage its services (``_ServiceSteps``), switch
+    ``current`` when it moves (``_switch``), start, restart and retire services
+    (``_start``), and gate the result (``_gate``)."""
     actions: list[Action] = []
-    failure = o.failure
+    failure = observed.failure
     if failure is not None and (
-        failure.fingerprint != d.fingerprint or failure.retry_token != o.retry_token
+        failure.fingerprint != desired.fingerprint or failure.retry_token != observed.retry_token
     ):
         actions.append(ClearFailure())
         failure = None
 
-    wait = error = rolled_back_from = None
-    if failure is not None:
-        rolled_back_from = failure.version
-        target = failure.rolled_back_to if _installed(o, failure.rolled_back_to) else None
-        error = failure_message(failure, target)
-    elif d.version is None:
-        target = None
-    elif _installed(o, d.version):
-        target = d.version
-    else:
-        wait = f"waiting for the preparer to install {d.app} {d.version}"
-        target = o.current if _installed(o, o.current) else None
-        if target is None:
-            return Plan(tuple(actions), None, wait=wait)
+    target = _target(desired, observed, failure)
+    version = target.version
+    if version is None:
+        if not target.hold:
+            actions += _stop(desired.app, observed)
+        return Plan(tuple(actions), None, target.wait, target.error, target.rolled_back_from)
 
-    if target is None:
-        actions += _stop_all(d.app, o)
-        return Plan(tuple(actions), None, wait, error, rolled_back_from)
-
-    info = o.versions[target]
+    info = observed.versions[version]
     if info.error is not None:
-        return Plan(tuple(actions), o.current, wait, f"{d.app} {target}: {info.error}")
+        error = f"{desired.app} {version}: {info.error}"
+        return Plan(tuple(actions), observed.current, target.wait, error)
     specs = {spec.name: spec for spec in info.services}
-    conflict = _conflict(d.app, specs, o)
+    conflict = _conflict(desired.app, specs, observed)
     if conflict:
-        return Plan(tuple(actions), o.current, wait, conflict)
+        return Plan(tuple(actions), observed.current, target.wait, conflict)
 
-    switching = o.current != target
-    # Going back to the version whose gate last passed here (``current`` moved by hand,
-    # or a switch abandoned halfway) repairs drift and deploys nothing: ``previous``
-    # keeps what setlive recorded, no guard is left, and the gate decides nothing, so a
-    # failing check is reported as unhealthy but neither marks that version failed nor
-    # rolls back to whatever ``current`` was pointed at.
-    repair = failure is None and target == d.version and target == o.last_good
-    pending = o.pending if o.pending is not None and o.pending.target == target else None
-    from_version = o.current if switching else (pending.from_version if pending else None)
-
-    stage: list[Action] = []
-    # Services a ``down`` file holds are linked and supervised before the switch.
-    early_link: list[Action] = []
-    early_supervise: list[Action] = []
-    link: list[Action] = []
-    supervise: list[Action] = []
-    start: list[Action] = []
-    restart: list[RestartService] = []
-    autostart: list[Action] = []
-    for name, spec in specs.items():
-        obs = o.services.get(name) or ServiceObs(name)
-        new = obs.staged is None
-        if new or not files_match(spec.files, obs.staged or {}):
-            stage.append(StageService(spec, new))
-        held = switching and (new or obs.down_file)
-        if obs.link != "ours":
-            (early_link if held else link).append(LinkService(name))
-        status = obs.status
-        stale = (
-            switching
-            or obs.running_version not in (None, target)
-            or obs.running_digest not in (None, spec.digest)
-        )
-        if not status.supervised:
-            (early_supervise if held else supervise).append(AwaitSupervised(name))
-            start.append(StartService(name))
-        elif status.up and stale:
-            restart.append(RestartService(name))
-        elif status.want_up is False or (not status.up and stale):
-            # Stopped by hand (or by us), or between two crashes of the old version
-            # (runsv starts it again within a second, from the new ``current``).
-            start.append(StartService(name))
-        if new or obs.down_file:
-            autostart.append(SetAutostart(name, True))
+    move = _Move.toward(version, desired, observed, failure)
+    services = _ServiceSteps.for_specs(specs, observed, move)
     retire = [
         RetireService(name)
-        for name, obs in sorted(o.services.items())
-        if obs.owner == d.app and name not in specs
+        for name, service in sorted(observed.services.items())
+        if service.owner == desired.app and name not in specs
     ]
+    disruptive = bool(services.restart) or any(observed.services[r.name].status.up for r in retire)
+    if desired.min_nodes > 0 and observed.healthy is True and disruptive:
+        actions.append(AcquireLease(desired.min_nodes))
+    if observed.pending is not None and move.pending is None and not move.switching:
+        actions.append(ClearPending())  # a note of a switch to another version, now moot
+    actions += services.stage
+    actions += services.link_before_switch
+    actions += services.supervise_before_switch
+    if move.switching:
+        actions += _switch(move, desired, observed, specs, retire)
+    actions += _start(services, retire, observed.self_service)
+    if services.start or services.restart or move.pending is not None or move.switching:
+        actions += _gate(move, observed, specs)
+    return Plan(tuple(actions), version, target.wait, target.error, target.rolled_back_from)
 
-    disruptive = bool(restart) or any(o.services[r.name].status.up for r in retire)
-    if d.min_nodes > 0 and o.healthy is True and disruptive:
-        actions.append(AcquireLease(d.min_nodes))
-    if o.pending is not None and pending is None and not switching:
-        actions.append(ClearPending())
-    actions += stage
-    actions += early_link
-    actions += early_supervise
-    if switching:
-        actions.append(SavePending(target, o.current))
-        own = o.self_service
-        deploying = failure is None and target == d.version and not repair
-        if own in specs and deploying and o.current is not None:
-            services = tuple(sorted(set(specs) | {r.name for r in retire}))
-            actions.append(StartGuard(target, o.current, services, d.fingerprint))
-        if o.current is not None and failure is None and not repair and _installed(o, o.current):
-            actions.append(SetPrevious(o.current))
-        actions.append(SetCurrent(target))
-    # setlive restarts (or retires) itself last: runit stops it there, and the new one
-    # finishes.
-    restart_self = [r for r in restart if r.name == o.self_service]
-    restart_others = [r for r in restart if r not in restart_self]
-    retire_self = [r for r in retire if r.name == o.self_service]
+
+@dataclass(frozen=True)
+class _Target:
+    """The version that must run (None: none) and why it is that one."""
+
+    version: str | None
+    wait: str | None = None
+    error: str | None = None
+    rolled_back_from: str | None = None
+    hold: bool = False
+    """Nothing to run while the preparer installs the first version: touch nothing."""
+
+
+def _target(desired: Desired, observed: Observed, failure: Failure | None) -> _Target:
+    """The active version once installed; the one rolled back to after a failed gate;
+    the current one while the preparer works; none when the app is stopped."""
+    if failure is not None:
+        rolled_back_to = failure.rolled_back_to
+        version = rolled_back_to if _installed(observed, rolled_back_to) else None
+        return _Target(version, None, failure_message(failure, version), failure.version)
+    if desired.version is None:
+        return _Target(None)
+    if _installed(observed, desired.version):
+        return _Target(desired.version)
+    wait = f"waiting for the preparer to install {desired.app} {desired.version}"
+    if _installed(observed, observed.current):
+        return _Target(observed.current, wait)
+    return _Target(None, wait, hold=True)
+
+
+@dataclass(frozen=True)
+class _Move:
+    """What running ``target`` takes: a switch of ``current`` or not, and whether it
+    deploys the intent's version (as opposed to a rollback or a repair of drift)."""
+
+    target: str
+    switching: bool
+    deploying: bool
+    pending: Pending | None
+    """setlive's note of a switch to ``target`` whose gate has not passed yet."""
+    from_version: str | None
+    """What runs (or ran, before the noted switch) when this move began."""
+
+    @classmethod
+    def toward(
+        cls, target: str, desired: Desired, observed: Observed, failure: Failure | None
+    ) -> _Move:
+        switching = observed.current != target
+        # Going back to the version whose gate last passed here (``current`` moved by
+        # hand, or a switch abandoned halfway) repairs drift and deploys nothing:
+        # ``previous`` keeps what setlive recorded, no guard is left, and the gate
+        # decides nothing, so a failing check is reported as unhealthy but neither
+        # marks that version failed nor rolls back to whatever ``current`` was
+        # pointed at.
+        repair = failure is None and target == desired.version and target == observed.last_good
+        noted = observed.pending
+        pending = noted if noted is not None and noted.target == target else None
+        resumed = pending.from_version if pending is not None else None
+        from_version = observed.current if switching else resumed
+        deploying = failure is None and target == desired.version and not repair
+        return cls(target, switching, deploying, pending, from_version)
+
+
+@dataclass
+class _ServiceSteps:
+    """The steps for each service of the target version, by the group they run in."""
+
+    stage: list[Action] = field(default_factory=list)
+    link_before_switch: list[Action] = field(default_factory=list)
+    supervise_before_switch: list[Action] = field(default_factory=list)
+    """Services a ``down`` file holds are linked and supervised before the switch."""
+    link: list[Action] = field(default_factory=list)
+    supervise: list[Action] = field(default_factory=list)
+    start: list[Action] = field(default_factory=list)
+    restart: list[RestartService] = field(default_factory=list)
+    autostart: list[Action] = field(default_factory=list)
+
+    @classmethod
+    def for_specs(
+        cls, specs: Mapping[str, ServiceSpec], observed: Observed, move: _Move
+    ) -> _ServiceSteps:
+        steps = cls()
+        for name, spec in specs.items():
+            service = observed.services.get(name) or ServiceObs(name)
+            new = service.staged is None
+            if new or not files_match(spec.files, service.staged or {}):
+                steps.stage.append(StageService(spec, new))
+            held = move.switching and (new or service.down_file)
+            if service.link != "ours":
+                (steps.link_before_switch if held else steps.link).append(LinkService(name))
+            status = service.status
+            stale = (
+                move.switching
+                or service.running_version not in (None, move.target)
+                or service.running_digest not in (None, spec.digest)
+            )
+            if not status.supervised:
+                supervise = steps.supervise_before_switch if held else steps.supervise
+                supervise.append(AwaitSupervised(name))
+                steps.start.append(StartService(name))
+            elif status.up and stale:
+                steps.restart.append(RestartService(name))
+            elif status.want_up is False or (not status.up and stale):
+                # Stopped by hand (or by us), or between two crashes of the old version
+                # (runsv starts it again within a second, from the new ``current``).
+                steps.start.append(StartService(name))
+            if new or service.down_file:
+                steps.autostart.append(SetAutostart(name, True))
+        return steps
+
+
+def _switch(
+    move: _Move,
+    desired: Desired,
+    observed: Observed,
+    specs: Mapping[str, ServiceSpec],
+    retire: list[RetireService],
+) -> list[Action]:
+    """Note the switch, leave a guard when setlive switches its own bundle, then move
+    ``previous`` and ``current``."""
+    current = observed.current
+    steps: list[Action] = [SavePending(move.target, current)]
+    if observed.self_service in specs and move.deploying and current is not None:
+        services = tuple(sorted(set(specs) | {r.name for r in retire}))
+        steps.append(StartGuard(move.target, current, services, desired.fingerprint))
+    if current is not None and move.deploying and _installed(observed, current):
+        steps.append(SetPrevious(current))
+    steps.append(SetCurrent(move.target))
+    return steps
+
+
+def _start(
+    services: _ServiceSteps, retire: list[RetireService], self_service: str | None
+) -> list[Action]:
+    """Link, supervise, retire, start and restart, with setlive's own service last:
+    runit stops setlive there, and the new one finishes."""
+    restart_self = [r for r in services.restart if r.name == self_service]
+    restart_others = [r for r in services.restart if r not in restart_self]
+    retire_self = [r for r in retire if r.name == self_service]
     retire_others = [r for r in retire if r not in retire_self]
     # Old services go once the new ones are supervised and ``current`` has moved, right
     # before the new ones start, not after: an app's entries get the same ports
     # (PP_PORT_*), so a new service started next to an old one would fail to bind.
-    groups = (link, supervise, retire_others, start, restart_others, autostart)
-    for group in (*groups, restart_self, retire_self):
-        actions.extend(group)
-    if start or restart or pending is not None or switching:
-        deploy = (
-            failure is None
-            and not repair
-            and target == d.version
-            and (switching or pending is not None)
-        )
-        rollback_to = (
-            from_version if from_version != target and _installed(o, from_version) else None
-        )
-        actions.append(AwaitHealth(target, tuple(specs), deploy, rollback_to))
-        actions.append(ClearPending())
-    return Plan(tuple(actions), target, wait, error, rolled_back_from)
+    return [
+        *services.link,
+        *services.supervise,
+        *retire_others,
+        *services.start,
+        *restart_others,
+        *services.autostart,
+        *restart_self,
+        *retire_self,
+    ]
 
 
-def _installed(o: Observed, version: str | None) -> bool:
+def _gate(move: _Move, observed: Observed, specs: Mapping[str, ServiceSpec]) -> list[Action]:
+    """Wait for the target's health, then forget the switch. Only a deploy's gate can
+    fail a version; it rolls back to what ran before, when that is still installed."""
+    deploy = move.deploying and (move.switching or move.pending is not None)
+    from_version = move.from_version
+    rollback_to = (
+        from_version if from_version != move.target and _installed(observed, from_version) else None
+    )
+    return [AwaitHealth(move.target, tuple(specs), deploy, rollback_to), ClearPending()]
+
+
+def _installed(observed: Observed, version: str | None) -> bool:
     if version is None:
         return False
-    info = o.versions.get(version)
+    info = observed.versions.get(version)
     return info is not None and info.installed
 
 
-def _stop_all(app: str, o: Observed) -> list[Action]:
+def _stop(app: str, observed: Observed) -> list[Action]:
+    """Stop every service of the app and keep runsv from starting it on its own."""
     actions: list[Action] = []
-    for name, obs in sorted(o.services.items()):
-        if obs.owner != app:
+    for name, service in sorted(observed.services.items()):
+        if service.owner != app:
             continue
-        if obs.status.supervised and (obs.status.up or obs.status.want_up):
+        if service.status.supervised and (service.status.up or service.status.want_up):
             actions.append(StopService(name))
-        if not obs.down_file:
+        if not service.down_file:
             actions.append(SetAutostart(name, False))
-    if o.pending is not None:
+    if observed.pending is not None:
         actions.append(ClearPending())
     return actions
 
 
-def _conflict(app: str, specs: Mapping[str, ServiceSpec], o: Observed) -> str | None:
+def _conflict(app: str, specs: Mapping[str, ServiceSpec], observed: Observed) -> str | None:
     for name in specs:
-        obs = o.services.get(name)
-        if obs is None:
+        service = observed.services.get(name)
+        if service is None:
             continue
-        if obs.staged is not None and obs.owner != app:
-            owner = f"app {obs.owner}" if obs.owner else "something other than pp-setlive"
+        if service.staged is not None and service.owner != app:
+            owner = f"app {service.owner}" if service.owner else "something other than pp-setlive"
             return f"service name {name} is already taken by {owner}; rename the app or entry"
-        if obs.link == "foreign":
+        if service.link == "foreign":
             return f"runit service {name} exists and is not managed by pp-setlive; remove it"
     return None
 

@@ -134,6 +134,9 @@ class RuntimeOptions:
     held_recheck_s: float = 10.0
     """How often a held agent reads the store again besides its watch (jittered): an
     operator's ``pp init --adopt`` changes no key the watch covers."""
+    restore_settle_s: float = trust.RESTORE_SETTLE_S
+    """After a hold, how long assignments without an app the host ran must stay the same
+    before the agent acts on them: a restore may still be writing the rest back."""
 
 
 @dataclass
@@ -182,7 +185,13 @@ class Runtime:
         self._last_report_error: str | None = None
         self._last_pass_error: str | None = None
         self._signals: socket.socket | None = None
-        self._trust = trust.Guard(store, options.node, trust.MemoryFile(options.trust_file))
+        self._trust = trust.Guard(
+            store,
+            options.node,
+            trust.MemoryFile(options.trust_file),
+            clock,
+            options.restore_settle_s,
+        )
         self._held: str | None = None
         """Why the agent holds (agents/trust.py), or None while it acts on the store."""
         self._status_written: tuple[AgentState, str | None] | None = None

@@ -13,14 +13,22 @@ apart, and while either fails the agent is *held*: it changes nothing on the hos
 - **Vanishing.** A node whose every assignment disappears in one step is held unless an
   operator recorded that the node is meant to be empty (``emptied/<node>``, written by
   ``pp unassign``). Removing some of a node's apps needs no such record.
+- **A restore under way.** A restore writes keys one at a time (``consul kv import``),
+  so when the store is trusted again the node's assignments may still be arriving, and
+  an app whose key is not back yet looks unassigned. After a hold, while an app the
+  host ran is not assigned, the agent stays held until the assignments have stayed the
+  same for ``settle_s``.
 
 ``assess`` is the whole decision, pure; ``MemoryFile`` keeps what it needs on disk so
-a restarted agent holds exactly as the one before it did.
+a restarted agent holds exactly as the one before it did; ``Guard`` reads the store
+for them and times the settling.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +39,11 @@ from intent.model import IntentError, StoreIdentity
 from intent.store import IntentStore
 
 log = structlog.get_logger()
+
+RESTORE_SETTLE_S = 2.0
+"""How long, after a hold, a node's assignments must stay the same before the agent acts
+on them without an app the host ran: far longer than ``consul kv import`` takes between
+two keys, short enough that an app unassigned meanwhile goes soon after."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +163,23 @@ class Guard:
     Costs one read per pass (the identity), plus one when the node has no assignment
     (the emptied record). Store errors propagate: an unreachable store holds anyway."""
 
-    def __init__(self, store: IntentStore, node: str, memory: MemoryFile) -> None:
+    def __init__(
+        self,
+        store: IntentStore,
+        node: str,
+        memory: MemoryFile,
+        clock: Callable[[], float] = time.monotonic,
+        settle_s: float = RESTORE_SETTLE_S,
+    ) -> None:
         self.store = store
         self.node = node
         self.memory = memory
+        self.clock = clock
+        self.settle_s = settle_s
+        self._held: str | None = None
+        """Why the last check held; kept while a restore settles."""
+        self._settling: tuple[float, frozenset[str]] | None = None
+        """Until when, and on which assignments, a restore is waited for."""
 
     def check(self, assigned: frozenset[str]) -> Verdict:
         identity_error = None
@@ -164,6 +190,21 @@ class Guard:
         emptied = not assigned and self.store.is_emptied(self.node)
         seen = Seen(identity, assigned, emptied, identity_error)
         verdict = assess(self.memory.load(), seen, self.node)
-        if verdict.trusted:
-            self.memory.save(verdict.remember)
+        if not verdict.trusted:
+            self._held, self._settling = verdict.reason, None
+            return verdict
+        if self._held is not None and self._restoring(assigned):
+            return Verdict(False, self._held, self.memory.load())  # held as it was, unsaid
+        self._held, self._settling = None, None
+        self.memory.save(verdict.remember)
         return verdict
+
+    def _restoring(self, assigned: frozenset[str]) -> bool:
+        """Whether the node's assignments may still be arriving after a hold: an app the
+        host ran is missing, and they changed within the last ``settle_s``."""
+        if not self.memory.load().assigned - assigned:
+            return False
+        now = self.clock()
+        if self._settling is None or self._settling[1] != assigned:
+            self._settling = (now + self.settle_s, assigned)
+        return now < self._settling[0]

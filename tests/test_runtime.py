@@ -350,6 +350,8 @@ def test_an_empty_listing_alone_never_removes_an_app(tmp_path: Path) -> None:
 
     # Even where the node is recorded as emptied, the exact key must be gone too.
     store.put_json(keys.emptied(NODE), {"at": 0, "actor": "tester"})
+    assert rt.run_pass(force=True) is False  # held while a restore could be under way
+    settled(rt)
     with capture_logs() as logs:
         assert rt.run_pass(force=True) is False
     assert agent.removed == []
@@ -367,6 +369,12 @@ def trusting(store: IntentStore, agent: Agent, trust_file: Path) -> Runtime:
 def held(store: IntentStore) -> str | None:
     (status,) = store.agent_statuses(NODE)
     return status.reason if status.state == "held" else None
+
+
+def settled(rt: Runtime) -> None:
+    """Let the time a restore is given to finish pass on the runtime's clock."""
+    assert isinstance(rt.clock, Clock)
+    rt.clock.now += rt.options.restore_settle_s
 
 
 def wipe(store: IntentStore) -> None:
@@ -429,6 +437,9 @@ def test_a_hold_survives_a_restart_against_another_empty_store(tmp_path: Path) -
     assert identity is not None
     other.adopt(identity.id, "operator")
     unassign(other, NODE, [], "operator")  # and that the node is meant to be empty
+    assert restarted.run_pass(force=True) is False  # held while a restore could be under way
+    assert agent.removed == []
+    settled(restarted)
     assert restarted.run_pass(force=True) is True
     assert agent.removed == ["hello"]
 
@@ -449,8 +460,32 @@ def test_a_node_whose_assignments_all_vanish_holds_while_other_nodes_keep_theirs
     assert agent.removed == []
     assert "every assignment of web1 vanished at once" in (held(store) or "")
     unassign(store, NODE, [], "operator")  # `pp unassign --all web1`
+    assert rt.run_pass(force=True) is False  # held while a restore could be under way
+    settled(rt)
     assert rt.run_pass(force=True) is True
     assert sorted(agent.removed) == ["hello", "other"]
+
+
+def test_a_restore_written_a_key_at_a_time_removes_nothing_it_has_not_written_yet(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite://{tmp_path / 'intent.db'}")
+    for app in ("a", "b", "c"):
+        put_app(store, app)
+    store.ensure_identity("tester")
+    backup = [(e.key, e.value) for e in store.kv.list(store.prefix)]
+    agent = RecordingAgent()
+    rt = trusting(store, agent, tmp_path / "trust.json")
+    assert rt.run_pass() is True
+    wipe(store)
+    assert rt.run_pass(force=True) is False
+
+    for key, value in backup:  # `consul kv import`, with a pass between any two keys
+        store.kv.put(key, value)
+        rt.run_pass(force=True)
+    assert agent.removed == []
+    assert rt.run_pass(force=True) is True
+    assert agent.on_host == {"a", "b", "c"}
 
 
 class DenyingReality(SqliteStore):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from agents.trust import Memory, MemoryFile, Seen, assess
+from agents.trust import Guard, Memory, MemoryFile, Seen, assess
+from intent import keys
 from intent.model import StoreIdentity
+from intent.store import IntentStore, open_store
 
 NODE = "web1"
 A = StoreIdentity(id="a" * 32)
@@ -90,3 +93,65 @@ def test_memory_survives_a_restart_and_damage_is_read_as_the_worst_case(tmp_path
     damaged = MemoryFile(path).load()
     assert not assess(damaged, Seen(A, frozenset()), NODE).trusted
     assert assess(damaged, Seen(A, APPS), NODE).trusted
+
+
+# -- the guard over a real store: a restore under way -------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def guarded(tmp_path: Path) -> tuple[IntentStore, Guard, Clock]:
+    store = open_store(f"sqlite://{tmp_path / 'intent.db'}")
+    store.ensure_identity("tester")
+    clock = Clock()
+    guard = Guard(store, NODE, MemoryFile(None), clock, settle_s=2.0)
+    assert guard.check(APPS).trusted
+    return store, guard, clock
+
+
+def held_by_a_wipe(store: IntentStore, guard: Guard) -> str:
+    identity = store.get_raw(keys.IDENTITY)
+    assert identity is not None
+    store.delete(keys.IDENTITY)
+    verdict = guard.check(frozenset())
+    assert not verdict.trusted and verdict.reason is not None
+    store.put_json(keys.IDENTITY, json.loads(identity.value))  # the restore begins
+    return verdict.reason
+
+
+def test_a_restore_still_writing_assignments_holds_until_the_missing_ones_are_back(
+    tmp_path: Path,
+) -> None:
+    store, guard, clock = guarded(tmp_path)
+    reason = held_by_a_wipe(store, guard)
+    for _ in range(2):
+        verdict = guard.check(frozenset({"web"}))  # api's key is not back yet
+        assert not verdict.trusted
+        assert verdict.reason == reason  # held as it was: nothing new to say
+        clock.now += 1.9
+    assert guard.check(APPS).trusted  # every app back: at once
+    assert guard.memory.load().assigned == APPS
+
+
+def test_a_restore_without_an_app_is_acted_on_once_it_stays_the_same(tmp_path: Path) -> None:
+    store, guard, clock = guarded(tmp_path)
+    held_by_a_wipe(store, guard)
+    assert not guard.check(frozenset({"web"})).trusted
+    clock.now += 1.9
+    assert not guard.check(frozenset({"web"})).trusted
+    clock.now += 0.1
+    verdict = guard.check(frozenset({"web"}))
+    assert verdict.trusted
+    assert guard.memory.load().assigned == {"web"}
+    assert guard.check(frozenset({"web"})).trusted
+
+
+def test_without_a_hold_losing_an_app_is_acted_on_at_once(tmp_path: Path) -> None:
+    _, guard, _ = guarded(tmp_path)
+    assert guard.check(frozenset({"web"})).trusted

@@ -120,15 +120,15 @@ def kv(store_factory: Callable[[], KVStore]) -> KVStore:
 
 @pytest.fixture
 def short_ttl_s() -> float:
-    """A slot TTL short enough to wait out on SQLite (Consul raises it to 10 s)."""
+    """A lease TTL short enough to wait out on SQLite (Consul raises it to 10 s)."""
     return SHORT_TTL_S
 
 
 @pytest.fixture
-def kill_slot_holder(backend: str, request: pytest.FixtureRequest) -> Callable[[str, str], None]:
-    """Make a slot holder vanish as a crashed one would, without waiting out its TTL.
+def kill_lease_holder(backend: str, request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """Make a lease holder vanish as a crashed one would, without waiting out its TTL.
 
-    SQLite: the test takes its slot with ``short_ttl_s`` and this waits it out.
+    SQLite: the test takes its lease with ``short_ttl_s`` and this waits it out.
     Consul: TTLs are 10 s at least and lapse after up to twice that, so this ends the
     holder's session the way Consul does when the TTL lapses; a separate Consul test
     lets a real TTL lapse."""
@@ -143,7 +143,7 @@ def kill_slot_holder(backend: str, request: pytest.FixtureRequest) -> Callable[[
 
     def end_session(resource: str, holder: str) -> None:
         _, item = client.kv.get(resource + holder)
-        assert item and item.get("Session"), f"{holder} holds no slot on {resource}"
+        assert item and item.get("Session"), f"{holder} holds no lease on {resource}"
         client.session.destroy(item["Session"])
 
     return end_session

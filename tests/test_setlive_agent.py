@@ -567,7 +567,7 @@ def test_min_nodes_lease_limits_restarts_across_the_cluster(host: Host) -> None:
     for peer in ("n2", "n3"):
         _peer(host, "leased", peer, "healthy")
 
-    # 3 healthy nodes, min_nodes 2: one restart at a time, and n2 holds the slot.
+    # 3 healthy nodes, min_nodes 2: one restart at a time, and n2 holds the lease.
     assert host.store.acquire_lease(resource, "n2", 1, 30.0)
     host.intent("leased", port, "2", ("1", "2", "3", "4"), min_nodes=2, nodes=nodes)
     pid = host.status("leased").pid
@@ -604,7 +604,7 @@ def test_min_nodes_lease_limits_restarts_across_the_cluster(host: Host) -> None:
     assert report.error and "2 healthy node(s) of leased/c, min_nodes 2" in report.error
     assert get(port) == (200, "leased 2")
 
-    # A holder that died: its slot expires with its TTL and the restart goes ahead.
+    # A holder that died: its lease expires with its TTL and the restart goes ahead.
     _peer(host, "leased", "n3", "healthy")
     assert host.store.acquire_lease(resource, "n3", 1, 1.0)
     assert not host.converge()

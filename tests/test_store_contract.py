@@ -287,66 +287,66 @@ def test_wait_on_several_prefixes_wakes_for_any_and_reports_which(kv: KVStore, n
     assert newer_token[1] == new_token[1]
 
 
-# -- slots ------------------------------------------------------------------------------------
+# -- leases -----------------------------------------------------------------------------------
 
 
-def test_slots_never_exceed_the_limit(kv: KVStore, ns: str) -> None:
+def test_lease_holders_never_exceed_the_limit(kv: KVStore, ns: str) -> None:
     resource = ns + "leases/restart/"
-    assert kv.acquire_slot(resource, "web1", 2, 30)
-    assert kv.acquire_slot(resource, "web2", 2, 30)
-    assert not kv.acquire_slot(resource, "web3", 2, 30)
-    assert kv.slot_holders(resource) == ["web1", "web2"]
+    assert kv.acquire_lease(resource, "web1", 2, 30)
+    assert kv.acquire_lease(resource, "web2", 2, 30)
+    assert not kv.acquire_lease(resource, "web3", 2, 30)
+    assert kv.lease_holders(resource) == ["web1", "web2"]
 
 
-def test_a_holder_renews_its_own_slot(kv: KVStore, ns: str) -> None:
+def test_a_holder_renews_its_own_lease(kv: KVStore, ns: str) -> None:
     resource = ns + "leases/restart/"
-    assert kv.acquire_slot(resource, "web1", 1, 30)
-    assert kv.acquire_slot(resource, "web1", 1, 30)
-    assert not kv.acquire_slot(resource, "web2", 1, 30)
-    assert kv.slot_holders(resource) == ["web1"]
+    assert kv.acquire_lease(resource, "web1", 1, 30)
+    assert kv.acquire_lease(resource, "web1", 1, 30)
+    assert not kv.acquire_lease(resource, "web2", 1, 30)
+    assert kv.lease_holders(resource) == ["web1"]
 
 
-def test_a_holder_keeps_its_slot_across_store_instances(
+def test_a_holder_keeps_its_lease_across_store_instances(
     store_factory: Callable[[], KVStore], ns: str
 ) -> None:
     # An agent that restarts opens a new store but is still the same holder.
     resource = ns + "leases/restart/"
-    assert store_factory().acquire_slot(resource, "web1", 1, 30)
+    assert store_factory().acquire_lease(resource, "web1", 1, 30)
     again = store_factory()
-    assert again.acquire_slot(resource, "web1", 1, 30)
-    assert again.slot_holders(resource) == ["web1"]
+    assert again.acquire_lease(resource, "web1", 1, 30)
+    assert again.lease_holders(resource) == ["web1"]
 
 
-def test_releasing_a_slot_frees_it_for_another_holder(kv: KVStore, ns: str) -> None:
+def test_releasing_a_lease_frees_it_for_another_holder(kv: KVStore, ns: str) -> None:
     resource = ns + "leases/restart/"
-    assert kv.acquire_slot(resource, "web1", 1, 30)
-    kv.release_slot(resource, "web1")
-    assert kv.slot_holders(resource) == []
-    assert kv.acquire_slot(resource, "web2", 1, 30)
-    assert kv.slot_holders(resource) == ["web2"]
-    kv.release_slot(resource, "never-held")
-    assert kv.slot_holders(resource) == ["web2"]
+    assert kv.acquire_lease(resource, "web1", 1, 30)
+    kv.release_lease(resource, "web1")
+    assert kv.lease_holders(resource) == []
+    assert kv.acquire_lease(resource, "web2", 1, 30)
+    assert kv.lease_holders(resource) == ["web2"]
+    kv.release_lease(resource, "never-held")
+    assert kv.lease_holders(resource) == ["web2"]
 
 
-def test_a_dead_holders_slot_frees_itself(
+def test_a_dead_holders_lease_frees_itself(
     store_factory: Callable[[], KVStore],
     ns: str,
     short_ttl_s: float,
-    kill_slot_holder: Callable[[str, str], None],
+    kill_lease_holder: Callable[[str, str], None],
 ) -> None:
     resource = ns + "leases/restart/"
     doomed, survivor = store_factory(), store_factory()
-    assert doomed.acquire_slot(resource, "web1", 1, short_ttl_s)
-    assert not survivor.acquire_slot(resource, "web2", 1, short_ttl_s)
+    assert doomed.acquire_lease(resource, "web1", 1, short_ttl_s)
+    assert not survivor.acquire_lease(resource, "web2", 1, short_ttl_s)
 
-    kill_slot_holder(resource, "web1")
+    kill_lease_holder(resource, "web1")
 
-    assert survivor.slot_holders(resource) == []
-    assert survivor.acquire_slot(resource, "web2", 1, 30)
-    assert survivor.slot_holders(resource) == ["web2"]
+    assert survivor.lease_holders(resource) == []
+    assert survivor.acquire_lease(resource, "web2", 1, 30)
+    assert survivor.lease_holders(resource) == ["web2"]
 
 
-def test_racing_acquirers_get_no_more_slots_than_the_limit(
+def test_racing_acquirers_get_no_more_leases_than_the_limit(
     store_factory: Callable[[], KVStore], ns: str
 ) -> None:
     resource = ns + "leases/restart/"
@@ -357,7 +357,7 @@ def test_racing_acquirers_get_no_more_slots_than_the_limit(
 
     def acquire(store: KVStore, holder: str) -> None:
         barrier.wait()
-        if store.acquire_slot(resource, holder, 2, 30):
+        if store.acquire_lease(resource, holder, 2, 30):
             with lock:
                 won.append(holder)
 
@@ -368,7 +368,7 @@ def test_racing_acquirers_get_no_more_slots_than_the_limit(
         t.join(timeout=60)
 
     assert len(won) == 2
-    assert stores[0].slot_holders(resource) == sorted(won)
+    assert stores[0].lease_holders(resource) == sorted(won)
 
 
 # -- the domain facade on top -----------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_a_second_sqlite_handle_on_the_same_file_sees_writes(tmp_path: Path) -> 
 
 
 @pytest.mark.consul
-def test_consul_slot_expires_without_renewal_and_stays_while_renewed(
+def test_consul_lease_expires_without_renewal_and_stays_while_renewed(
     consul_addr: str, ns: str
 ) -> None:
     from intent.store.consul import ConsulStore
@@ -500,15 +500,15 @@ def test_consul_slot_expires_without_renewal_and_stays_while_renewed(
     renewing, silent = ConsulStore(host, int(port)), ConsulStore(host, int(port))
     resource = ns + "leases/restart/"
     try:
-        assert renewing.acquire_slot(resource, "alive", 2, 10)
-        assert silent.acquire_slot(resource, "silent", 2, 10)
+        assert renewing.acquire_lease(resource, "alive", 2, 10)
+        assert silent.acquire_lease(resource, "silent", 2, 10)
         start = time.monotonic()
         # Consul lapses a session between its TTL and twice that.
-        while "silent" in renewing.slot_holders(resource) and time.monotonic() - start < 35:
-            assert renewing.acquire_slot(resource, "alive", 2, 10)
+        while "silent" in renewing.lease_holders(resource) and time.monotonic() - start < 35:
+            assert renewing.acquire_lease(resource, "alive", 2, 10)
             time.sleep(1)
         elapsed = time.monotonic() - start
-        assert renewing.slot_holders(resource) == ["alive"]
+        assert renewing.lease_holders(resource) == ["alive"]
         assert elapsed >= 9
     finally:
         renewing.close()

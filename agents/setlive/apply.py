@@ -118,7 +118,7 @@ class _Lease:
         self._renewed = 0.0
 
     def acquire(self, min_nodes: int) -> str | None:
-        """Take a restart slot; returns why not when it cannot."""
+        """Take a restart lease; returns why not when it cannot."""
         ctx = self.ctx
         try:
             cluster_nodes = [n for n, c in ctx.store.nodes_of(ctx.app).items() if c == ctx.cluster]

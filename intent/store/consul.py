@@ -9,16 +9,16 @@ queries and sessions. Consul's vocabulary stays inside this module.
   threads. A query still in flight when ``wait`` returns is kept and reused by the
   next call that asks for the same prefix and index, so a watch loop never piles
   up abandoned requests. A watch token holds one index per prefix.
-- Slots follow Consul's semaphore recipe: each holder owns a TTL session with
+- Leases follow Consul's semaphore recipe: each holder owns a TTL session with
   ``behavior=delete`` and a key ``<resource><holder>`` acquired with it, and
-  ``<resource>.lock`` lists the sessions holding a slot, updated with
+  ``<resource>.lock`` lists the sessions holding a lease, updated with
   check-and-set so the limit holds under races. A holder that dies stops
   renewing, Consul invalidates its session and deletes its key, and the next
   acquirer prunes it from the list.
 
-Consul refuses session TTLs below 10 s, so shorter slot TTLs are raised to 10 s;
+Consul refuses session TTLs below 10 s, so shorter lease TTLs are raised to 10 s;
 Consul may also take up to twice the TTL to invalidate a session it has not
-heard from, so a dead holder's slot frees after between ``ttl`` and ``2 * ttl``.
+heard from, so a dead holder's lease frees after between ``ttl`` and ``2 * ttl``.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, StoreError, StoreUna
 
 log = structlog.get_logger(__name__)
 
-MIN_SLOT_TTL_S = 10
+MIN_LEASE_TTL_S = 10
 """Consul's floor for a session TTL."""
-MAX_SLOT_TTL_S = 86400
+MAX_LEASE_TTL_S = 86400
 """Consul's ceiling for a session TTL."""
 
 REQUEST_TIMEOUT_S = 10.0
@@ -59,7 +59,7 @@ DEFAULT_HTTPS_PORT = 8501
 
 
 def _clamp_ttl(ttl_s: float) -> int:
-    return min(MAX_SLOT_TTL_S, max(MIN_SLOT_TTL_S, math.ceil(ttl_s)))
+    return min(MAX_LEASE_TTL_S, max(MIN_LEASE_TTL_S, math.ceil(ttl_s)))
 
 
 class ConsulStore(KVStore):
@@ -255,14 +255,14 @@ class ConsulStore(KVStore):
     def _blocking(self, prefix: str, since: int, wait_s: float) -> Future[int]:
         """The blocking query for ``prefix`` past ``since``: the one in flight, or a new
         one on its own daemon thread (so a process can exit while queries wait)."""
-        slot = (prefix, since)
+        query = (prefix, since)
         with self._inflight_lock:
-            future = self._inflight.get(slot)
+            future = self._inflight.get(query)
             if future is not None and not future.done():
                 return future
             future = Future()
             future.set_running_or_notify_cancel()
-            self._inflight[slot] = future
+            self._inflight[query] = future
 
         def run() -> None:
             try:
@@ -271,8 +271,8 @@ class ConsulStore(KVStore):
                 future.set_exception(exc)
             finally:
                 with self._inflight_lock:
-                    if self._inflight.get(slot) is future:
-                        del self._inflight[slot]
+                    if self._inflight.get(query) is future:
+                        del self._inflight[query]
 
         threading.Thread(target=run, name=f"store-watch {prefix}", daemon=True).start()
         return future
@@ -301,7 +301,7 @@ class ConsulStore(KVStore):
                 break
         return tuple(current)
 
-    # -- slots ------------------------------------------------------------------------------
+    # -- leases -----------------------------------------------------------------------------
 
     def _holding_session(self, key: str) -> str | None:
         """The session holding ``key``, if any."""
@@ -311,7 +311,7 @@ class ConsulStore(KVStore):
         return str(session) if session else None
 
     def _renew(self, session: str, key: str) -> bool:
-        with self._errors("renew slot", key):
+        with self._errors("renew lease", key):
             try:
                 self._client.session.renew(session)
             except consul.NotFound:
@@ -322,7 +322,7 @@ class ConsulStore(KVStore):
         with self._errors("create session for", key):
             return str(
                 self._client.session.create(
-                    name=f"platypus slot {key}",
+                    name=f"platypus lease {key}",
                     behavior="delete",
                     ttl=_clamp_ttl(ttl_s),
                     lock_delay=0,
@@ -332,11 +332,11 @@ class ConsulStore(KVStore):
     def _claim(self, resource: str, holder: str, ttl_s: float) -> str:
         """A live session that holds ``<resource><holder>``: ours renewed, or the one
         another process holds it with under the same holder name (an agent that
-        restarted: the slot belongs to the holder, not to the process), or a new one."""
+        restarted: the lease belongs to the holder, not to the process), or a new one."""
         key = resource + holder
         session = self._sessions.get((resource, holder))
         if session is not None and not self._renew(session, key):
-            log.info("store.slot_lapsed", resource=resource, holder=holder)
+            log.info("store.lease_lapsed", resource=resource, holder=holder)
             session = None
         for _ in range(CAS_RETRIES):
             created = False
@@ -348,17 +348,17 @@ class ConsulStore(KVStore):
                     session, created = self._create_session(key, ttl_s), True
             # Acquiring again with the holding session is a no-op, and it puts the key
             # back if someone deleted it by hand while the session lived on.
-            with self._errors("acquire slot", key):
+            with self._errors("acquire lease", key):
                 if self._client.kv.put(key, holder.encode(), acquire=session):
                     return session
             if created:
                 self._destroy(session, key)
             session = None
         raise StoreUnavailable(
-            f"consul at {self.address}: slot key {key!r} kept changing hands; retry later"
+            f"consul at {self.address}: lease key {key!r} kept changing hands; retry later"
         )
 
-    def _read_slots(self, resource: str) -> tuple[int, dict[str, str], set[str]]:
+    def _read_leases(self, resource: str) -> tuple[int, dict[str, str], set[str]]:
         """(lock key's index or 0, holders recorded in it by session, live sessions)."""
         with self._errors("list", resource):
             _, items = self._client.kv.get(resource, recurse=True)
@@ -372,26 +372,26 @@ class ConsulStore(KVStore):
                 live.add(item["Session"])
         return index, recorded, live
 
-    def _write_slots(self, resource: str, holders: dict[str, str], index: int) -> bool:
+    def _write_leases(self, resource: str, holders: dict[str, str], index: int) -> bool:
         key = resource + LOCK_SUFFIX
         value = json.dumps({"holders": holders}, sort_keys=True).encode()
         with self._errors("write", key):
             return bool(self._client.kv.put(key, value, cas=index))
 
     def _destroy(self, session: str, key: str) -> None:
-        with self._errors("release slot", key):
+        with self._errors("release lease", key):
             self._client.session.destroy(session)
 
-    def acquire_slot(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+    def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
         self._check_key(resource)
         if holder == LOCK_SUFFIX or not holder:
-            raise StoreError(f"slot holder {holder!r}: not a usable holder name")
+            raise StoreError(f"lease holder {holder!r}: not a usable holder name")
         key = resource + holder
         with self._sessions_lock:
             session = self._claim(resource, holder, ttl_s)
             self._sessions[(resource, holder)] = session
         for _ in range(CAS_RETRIES):
-            index, recorded, live = self._read_slots(resource)
+            index, recorded, live = self._read_leases(resource)
             holders = {s: h for s, h in recorded.items() if s in live}
             if session in holders:
                 return True
@@ -401,34 +401,34 @@ class ConsulStore(KVStore):
                 self._destroy(session, key)
                 return False
             holders[session] = holder
-            if self._write_slots(resource, holders, index):
-                log.debug("store.slot_acquired", resource=resource, holder=holder)
+            if self._write_leases(resource, holders, index):
+                log.debug("store.lease_acquired", resource=resource, holder=holder)
                 return True
         raise StoreUnavailable(
-            f"consul at {self.address}: slot {resource!r} kept changing under {CAS_RETRIES} "
+            f"consul at {self.address}: lease {resource!r} kept changing under {CAS_RETRIES} "
             "attempts to take it; retry later"
         )
 
-    def release_slot(self, resource: str, holder: str) -> None:
+    def release_lease(self, resource: str, holder: str) -> None:
         self._check_key(resource)
         key = resource + holder
         with self._sessions_lock:
             sessions = {self._sessions.pop((resource, holder), None), self._holding_session(key)}
         for _ in range(CAS_RETRIES):
-            index, recorded, live = self._read_slots(resource)
+            index, recorded, live = self._read_leases(resource)
             holders = {s: h for s, h in recorded.items() if s in live and h != holder}
-            if holders == recorded or self._write_slots(resource, holders, index):
+            if holders == recorded or self._write_leases(resource, holders, index):
                 break
         for session in filter(None, sessions):
             self._destroy(session, key)
 
-    def slot_holders(self, resource: str) -> builtins.list[str]:
+    def lease_holders(self, resource: str) -> builtins.list[str]:
         self._check_key(resource)
-        _, recorded, live = self._read_slots(resource)
+        _, recorded, live = self._read_leases(resource)
         return sorted(h for s, h in recorded.items() if s in live)
 
     def close(self) -> None:
-        # Slots outlive the connection, as in every backend: they end on release or TTL.
+        # Leases outlive the connection, as in every backend: they end on release or TTL.
         self._client.http.session.close()
 
 

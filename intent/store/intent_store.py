@@ -306,13 +306,13 @@ class IntentStore:
     # -- leases ---------------------------------------------------------------------------
 
     def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
-        return self.kv.acquire_slot(self._k(keys.lease(resource)), holder, limit, ttl_s)
+        return self.kv.acquire_lease(self._k(keys.lease(resource)), holder, limit, ttl_s)
 
     def release_lease(self, resource: str, holder: str) -> None:
-        self.kv.release_slot(self._k(keys.lease(resource)), holder)
+        self.kv.release_lease(self._k(keys.lease(resource)), holder)
 
     def lease_holders(self, resource: str) -> Sequence[str]:
-        return self.kv.slot_holders(self._k(keys.lease(resource)))
+        return self.kv.lease_holders(self._k(keys.lease(resource)))
 
     def close(self) -> None:
         self.kv.close()

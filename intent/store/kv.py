@@ -64,18 +64,19 @@ class KVStore(abc.ABC):
         Spurious wake-ups are allowed; missed changes are not."""
 
     @abc.abstractmethod
-    def acquire_slot(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
-        """Take (or keep) one of ``limit`` slots on ``resource`` for ``holder``.
+    def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+        """Take (or renew) ``holder``'s lease on ``resource``, of which at most ``limit``
+        holders hold one at a time.
 
-        A slot lives ``ttl_s`` seconds unless renewed by calling this again, so a
-        holder that dies releases its slot on its own. Returns False when all the
-        slots are held by others."""
-
-    @abc.abstractmethod
-    def release_slot(self, resource: str, holder: str) -> None: ...
+        A lease lives ``ttl_s`` seconds unless renewed by calling this again, so a
+        holder that dies releases its lease on its own. Returns False when ``limit``
+        others hold one."""
 
     @abc.abstractmethod
-    def slot_holders(self, resource: str) -> builtins.list[str]: ...
+    def release_lease(self, resource: str, holder: str) -> None: ...
+
+    @abc.abstractmethod
+    def lease_holders(self, resource: str) -> builtins.list[str]: ...
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release connections; the store must not be used afterwards."""

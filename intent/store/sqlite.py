@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, versio
 CREATE TABLE IF NOT EXISTS tombstones (key TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counter (id, value) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS slots (
+CREATE TABLE IF NOT EXISTS slots (  -- the leases, by the table's name in existing stores
     resource TEXT NOT NULL, holder TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (resource, holder)
 );
@@ -173,7 +173,7 @@ class SqliteStore(KVStore):
                 return current
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 
-    def acquire_slot(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
+    def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
         now = time.time()
         with self._write() as db:
             db.execute("DELETE FROM slots WHERE resource = ? AND expires_at <= ?", (resource, now))
@@ -192,11 +192,11 @@ class SqliteStore(KVStore):
             )
         return True
 
-    def release_slot(self, resource: str, holder: str) -> None:
+    def release_lease(self, resource: str, holder: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM slots WHERE resource = ? AND holder = ?", (resource, holder))
 
-    def slot_holders(self, resource: str) -> builtins.list[str]:
+    def lease_holders(self, resource: str) -> builtins.list[str]:
         with self._read() as db:
             rows = db.execute(
                 "SELECT holder FROM slots WHERE resource = ? AND expires_at > ? ORDER BY holder",

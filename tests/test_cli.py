@@ -379,6 +379,12 @@ def report(store: IntentStore, **fields: Any) -> None:
     store.write_reality(Reality(**values))
 
 
+def detail_rows(output: str) -> list[str]:
+    """pp status's rows below its per-cluster summary (tests/test_rollout.py covers that)."""
+    lines = output.splitlines()
+    return lines[next(n for n, line in enumerate(lines) if line.startswith("NODE")) :]
+
+
 def test_status_shows_a_row_per_node_agent_and_app_with_age_and_message(
     pp: Pp, hello: str, store: IntentStore
 ) -> None:
@@ -389,7 +395,7 @@ def test_status_shows_a_row_per_node_agent_and_app_with_age_and_message(
     report(store, node="web9", app="echo", status="converged", since=now - 5)
     result = pp("status", "hello")
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+    lines = detail_rows(result.stdout)
     assert lines[0].split() == ["NODE", "AGENT", "APP", "STATUS", "VERSION", "AGE", "MESSAGE"]
     assert lines[1].split() == ["web1", "preparer", "hello", "converged", "1.0.0", "2h"]
     assert lines[2].split() == [
@@ -414,7 +420,7 @@ def test_status_calls_out_stale_reports_and_nodes_nobody_reported_on(
 ) -> None:
     long_ago = time.time() - 600
     report(store, node="web1", status="converged", updated_at=long_ago, since=long_ago)
-    lines = pp("status", "hello").stdout.splitlines()
+    lines = detail_rows(pp("status", "hello").stdout)
     assert lines[1].endswith("10m  no report for 10m")
     assert lines[2].split() == [
         "web2",

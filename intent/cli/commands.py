@@ -29,6 +29,7 @@ from intent.cli.group import (
     warn,
 )
 from intent.cli.schema import intent_schema
+from intent.cli.watch_commands import Wait, wait_options
 from intent.model import IntentError
 
 # -- intent as files ----------------------------------------------------------------------
@@ -51,8 +52,9 @@ from intent.model import IntentError
     help="Also unassign nodes of a listed cluster that the file no longer lists"
     " (this stops the app on them).",
 )
+@wait_options
 @pass_env
-def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> None:
+def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool, wait: Wait) -> None:
     """Validate app files, show the diff against the store, write it.
 
     Every file is validated before anything is written. Each key is written only
@@ -84,6 +86,7 @@ def apply(env: Env, files: Sequence[str], dry_run: bool, prune_nodes: bool) -> N
         else:
             op.execute_apply(store, app_file.app, plan, who)
             echo(f"{app_file.app}: {len(plan)} key(s) written")
+        wait.watch_apply(app_file.app, app_file.clusters, plan)
 
 
 @click.command()
@@ -138,8 +141,11 @@ def get(env: Env, app: str, as_json: bool) -> None:
 @click.option("-c", "--cluster", required=True, help="Cluster to deploy to.")
 @click.option("--sha256", required=True, help="SHA-256 of the version's artifact (64 hex digits).")
 @click.option("--url", default=None, help="Where agents fetch the artifact.")
+@wait_options
 @pass_env
-def deploy(env: Env, app: str, version: str, cluster: str, sha256: str, url: str | None) -> None:
+def deploy(
+    env: Env, app: str, version: str, cluster: str, sha256: str, url: str | None, wait: Wait
+) -> None:
     """Make VERSION the active version; the version active until now stays as prep.
 
     Creates the cluster's config when it has none. Other prep versions are kept.
@@ -172,6 +178,7 @@ def deploy(env: Env, app: str, version: str, cluster: str, sha256: str, url: str
             f"{keys.deploy_config(app, cluster)} is missing; nodes of {where} hold until it"
             " is written (pp apply)"
         )
+    wait.watch(app, cluster, changed=change.changed)
 
 
 def _active(value: Any) -> str | None:
@@ -192,8 +199,9 @@ def _active(value: Any) -> str | None:
     metavar="VERSION",
     help="Prep version to make active; needed when the audit trail cannot tell.",
 )
+@wait_options
 @pass_env
-def rollback(env: Env, app: str, cluster: str, to: str | None) -> None:
+def rollback(env: Env, app: str, cluster: str, to: str | None, wait: Wait) -> None:
     """Make the previously active version active again; the current one becomes prep.
 
     Without --to: the only prep version, else the prep version that was active
@@ -218,6 +226,7 @@ def rollback(env: Env, app: str, cluster: str, to: str | None) -> None:
     before, after = _active(change.old), _active(change.new)
     kept = f" ({before} kept as prep)" if before else ""
     echo(f"{app}/{cluster}: rolled back to {after}{kept}")
+    wait.watch(app, cluster, changed=change.changed)
 
 
 @click.command()
@@ -260,8 +269,9 @@ def assign(env: Env, app: str, nodes: Sequence[str], cluster: str) -> None:
 @click.command()
 @click.argument("app")
 @click.option("-n", "--node", default=None, help="Only this node (default: every node of APP).")
+@wait_options
 @pass_env
-def retry(env: Env, app: str, node: str | None) -> None:
+def retry(env: Env, app: str, node: str | None, wait: Wait) -> None:
     """Try again a version that failed its health gate and was rolled back.
 
     pp-setlive leaves a failed version alone until the intent changes; this asks it
@@ -272,3 +282,4 @@ def retry(env: Env, app: str, node: str | None) -> None:
         op.check_name("node", node)
     for done in op.request_retry(env.store(), app, node, actor=op.actor()):
         echo(f"{done}: retry of {app} requested")
+    wait.watch(app, changed=True, node=node)

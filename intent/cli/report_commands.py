@@ -7,8 +7,8 @@ import time
 
 import click
 
+from intent.cli import fleet, render, rollout_view
 from intent.cli import operator as op
-from intent.cli import render
 from intent.cli.group import Env, echo, json_option, pass_env, print_json
 
 
@@ -18,7 +18,12 @@ from intent.cli.group import Env, echo, json_option, pass_env, print_json
 @json_option
 @pass_env
 def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
-    """What the agents report: one row per node, agent and app.
+    """What the agents report: a summary per app and cluster, then one row per node,
+    agent and app.
+
+    The summary counts the nodes converged on the desired version by every agent
+    that applies (as pp deploy --wait does), the nodes in error, the silent ones
+    and the held agents.
 
     AGE is how long the agent has been in its status; a report not refreshed
     for a while is called out in MESSAGE, as its agent is probably not running.
@@ -39,6 +44,8 @@ def status(env: Env, app: str | None, node: str | None, as_json: bool) -> None:
         expected = {(node, a) for a in store.assignments(node)}
     unreported = sorted(expected - {(r.node, r.app) for r in reports})
     now = time.time()
+    if summary := rollout_view.summary_rows(fleet.overview(store, app, node)):
+        echo(render.table(rollout_view.SUMMARY_COLUMNS, summary) + "\n")
     for held in store.agent_statuses(node):
         if held.state == "held":
             echo(f"HELD {held.node} {held.agent} for {render.age(now - held.since)}: {held.reason}")

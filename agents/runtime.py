@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from agents import backoff, trust
+from agents import backoff, metrics, trust
 from agents.workqueue import WorkQueue
 from intent.model import AgentState, AgentStatus, Reality, Status, is_safe_name
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable
@@ -266,12 +266,14 @@ class Runtime:
                 with state.lock:
                     if intent.valid and (state.last_good != intent or state.intent_error):
                         changed.append(intent.app)  # new intent, or fixed: converge and report it
+                        metrics.intent_changed(self.agent.name, intent.app)
                         state.last_good = intent
                     state.intent_error = intent.error
                     if state.last_good is not None:
                         effective[intent.app] = state.last_good
             for gone in set(self._apps) - {i.app for i in intents}:
                 del self._apps[gone]
+                metrics.app_gone(self.agent.name, gone)
                 self._queue.discard(gone)
         return effective, changed
 
@@ -340,6 +342,9 @@ class Runtime:
         except Exception as exc:  # one app's bug must not take the others down
             log.exception("converge.crashed")
             outcome = Outcome.failed(f"internal error: {type(exc).__name__}: {exc}")
+        metrics.converge_done(
+            self.agent.name, intent.app, outcome.status, time.monotonic() - started
+        )
         log.log(
             40 if outcome.status == "error" else 20,
             f"converge.{outcome.status}",
@@ -448,6 +453,7 @@ class Runtime:
             error=outcome.error,
             details=outcome.details,
         )
+        metrics.reported(self.agent.name, app, outcome.status)
         return self._quietly(lambda: self.store.write_reality(report))
 
     def _quietly(self, write: Callable[[], None]) -> bool:
@@ -468,6 +474,7 @@ class Runtime:
 
     def _store_state(self, reachable: bool, error: Exception | None = None) -> None:
         """Log store outages once per change, not once per attempt."""
+        metrics.store_state(self.agent.name, reachable)
         with self._state_lock:
             self._store_failures = 0 if reachable else self._store_failures + 1
             if reachable == self._store_reachable:
@@ -593,7 +600,7 @@ class Runtime:
                 self._resync_requested = False
                 next_resync = now + self.options.resync_interval_s * random.uniform(0.8, 1.2)
             try:
-                self._pass(force, drain)
+                metrics.pass_done(self.agent.name, self._pass(force, drain))
             except Exception as exc:  # a bug in one pass must not end the agent
                 self._pass_failed("pass.crashed", exc)
             if self.stop_event.is_set():
@@ -636,6 +643,7 @@ class Runtime:
                 failures += 1
                 self.stop_event.wait(self._store_retry(failures))
                 continue
+            metrics.watch_answered(self.agent.name)
             # A first read (at start, or after a failure) may come after the loop read
             # intent, and what changed in between would go unseen: wake for it too.
             if token is None or failures or new != token or self._store_reachable is False:

@@ -20,7 +20,7 @@ import click
 import structlog
 import tenacity
 
-from agents import backoff, logs
+from agents import backoff, logs, metrics
 from agents.runtime import Agent, Runtime, RuntimeOptions
 from intent import keys
 from intent.model import is_safe_name
@@ -38,6 +38,7 @@ class CommonOptions:
     resync_interval: float
     store_retry_max: float
     log_format: logs.LogFormat
+    metrics_listen: str | None = None
 
 
 class _OneLineUsageError(click.UsageError):
@@ -71,6 +72,15 @@ def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _listen_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            metrics.parse_listen(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def common_options(command: F) -> F:
     """Add the flags every agent takes; the values arrive as ``common``."""
     options = [
@@ -93,6 +103,10 @@ def common_options(command: F) -> F:
                      "a store restart spreads its load over that many seconds."),
         click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
                      default="auto", show_default=True),
+        click.option("--metrics-listen", default=None, metavar="[ADDR:]PORT",
+                     callback=_listen_address,
+                     help="Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare "
+                     "PORT listens on 127.0.0.1). Off by default."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -108,6 +122,7 @@ def pop_common(params: dict[str, Any]) -> CommonOptions:
         resync_interval=params.pop("resync_interval"),
         store_retry_max=params.pop("store_retry_max"),
         log_format=params.pop("log_format"),
+        metrics_listen=params.pop("metrics_listen"),
     )
 
 
@@ -139,6 +154,13 @@ def _open_store(common: CommonOptions) -> IntentStore:
         fail(str(exc))
 
 
+def _serve_metrics(listen: str) -> None:
+    try:
+        metrics.serve(listen)
+    except OSError as exc:
+        fail(f"--metrics-listen {listen}: {exc.strerror or exc}")
+
+
 def run(
     common: CommonOptions,
     build: Callable[[IntentStore, threading.Event], Agent],
@@ -152,6 +174,8 @@ def run(
     # Before the agent is built: loggers it binds then keep the configuration.
     logs.configure(common.log_format)
     logs.always(node=common.node)
+    if common.metrics_listen is not None:
+        _serve_metrics(common.metrics_listen)
     store = _open_store(common)
     stop = threading.Event()
     agent = build(store, stop)

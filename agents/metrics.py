@@ -106,9 +106,15 @@ GATE_SECONDS = Histogram(
     buckets=_BUCKETS,
     registry=REGISTRY,
 )
-RULES_APPLIED = Counter(
-    "platypus_iptables_rules_applied_total",
-    "Rules pp-iptables wrote into its chains with iptables-restore.",
+RESTORES = Counter(
+    "platypus_iptables_restores_total",
+    "Times pp-iptables applied changed rules with iptables-restore.",
+    ["agent"],
+    registry=REGISTRY,
+)
+RULES = Gauge(
+    "platypus_iptables_rules",
+    "Rules in pp-iptables' chains after the last restore it applied.",
     ["agent"],
     registry=REGISTRY,
 )
@@ -203,10 +209,11 @@ def store_state(agent: str, reachable: bool) -> None:
     with _lock:
         before = _reachable.get(agent)
         _reachable[agent] = reachable
+    errors, reconnects = STORE_ERRORS.labels(agent), STORE_RECONNECTS.labels(agent)
     if not reachable:
-        STORE_ERRORS.labels(agent).inc()
+        errors.inc()
     elif before is False:
-        STORE_RECONNECTS.labels(agent).inc()
+        reconnects.inc()
 
 
 def watch_answered(agent: str) -> None:
@@ -238,10 +245,13 @@ def gated(app: str, healthy: bool, seconds: float) -> None:
     GATE_SECONDS.labels(app, "healthy" if healthy else "unhealthy").observe(seconds)
 
 
-def firewall_pass(agent: str, seconds: float, rules_applied: int = 0) -> None:
+def firewall_restored(agent: str, rules: int) -> None:
+    RESTORES.labels(agent).inc()
+    RULES.labels(agent).set(rules)
+
+
+def firewall_pass(agent: str, seconds: float) -> None:
     FIREWALL_PASS_SECONDS.labels(agent).observe(seconds)
-    if rules_applied:
-        RULES_APPLIED.labels(agent).inc(rules_applied)
 
 
 def _aws_call(event_name: str, http_response: Any = None, parsed: Any = None, **_: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from agents import entrypoint, statedir
+from agents import entrypoint, metrics, statedir
 from agents.elb_registrar.agent import DEFAULT_STATE_DIR, ElbRegistrar, Identity
 from agents.elb_registrar.apply import Settings
 from agents.system.aws import Aws
@@ -102,7 +102,11 @@ def main(**params: Any) -> None:
     )
 
     def build(store: IntentStore, stop: threading.Event) -> ElbRegistrar:
-        aws = Aws(session_name=f"platypus-elb-registrar-{common.node}", stop=stop)
+        aws = Aws(
+            session_name=f"platypus-elb-registrar-{common.node}",
+            hooks=metrics.AWS_HOOKS,
+            stop=stop,
+        )
         return ElbRegistrar(
             store,
             common.node,

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import structlog
 
+from agents import metrics
 from agents.iptables.apply import apply
 from agents.iptables.observe import observe
 from agents.iptables.plan import AppResult, plan
@@ -80,6 +81,7 @@ class IptablesAgent(Agent):
             self._steady = None
             if decided.restore is not None:
                 apply(self.tables, decided.restore)
+                metrics.firewall_restored(self.name, decided.rules)
                 self.log.info(
                     "iptables.applied",
                     chains=list(decided.changed),
@@ -94,6 +96,7 @@ class IptablesAgent(Agent):
                 self._removals[app] = Outcome.converged()
         for app, result in results.items():
             self._outcomes[app] = _outcome(result, _version(intents[app]))
+        metrics.firewall_pass(self.name, time.monotonic() - started)
 
     def _assignments(self) -> tuple[Collection[str] | None, dict[str, int]]:
         """Every app assigned here, valid or not, and the order of assignment.

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from agents import statedir
+from agents import metrics, statedir
 from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
@@ -207,8 +207,10 @@ class Preparer(Agent):
                     states[action.version] = f"error: {exc}"
                     problems.append(f"{action.version}: {exc}")
                     bound.error("install.failed", version=action.version, error=str(exc))
+                    metrics.installed(app, "failed")
                     continue
                 states[action.version] = "installed"
+                metrics.installed(app, "done", done.bytes_downloaded)
                 bound.info(
                     "install.done",
                     version=action.version,

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from agents import health
+from agents import health, metrics
 from agents.runtime import Agent, Outcome
 from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
 from agents.setlive.observe import (
@@ -198,6 +198,7 @@ class SetliveAgent(Agent):
             to=failure.rolled_back_to,
             output=failure.output,
         )
+        metrics.rolled_back(intent.app)
 
     def _report_progress(self, app: str, reason: str, version: str | None) -> None:
         report = Reality(

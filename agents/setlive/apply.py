@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from agents import health
+from agents import health, metrics
 from agents.setlive.observe import Paths
 from agents.setlive.plan import (
     AcquireLease,
@@ -217,6 +217,7 @@ def _step(
             fs.symlink_atomic(_relative_install(ctx.layout, version), ctx.layout.current)
             ctx.state.update(ctx.app, last_switch_at=now)
             log.info("setlive.switched", app=ctx.app, version=version)
+            metrics.switched(ctx.app)
         case LinkService(name=name):
             runit.link(stage / name, ctx.paths.runit_dir, name)
         case AwaitSupervised(name=name):
@@ -332,6 +333,7 @@ def gate(
         seconds=round(time.monotonic() - started, 3),
         output=result.output,
     )
+    metrics.gated(ctx.app, result.healthy, time.monotonic() - started)
     return result
 
 

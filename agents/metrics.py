@@ -24,6 +24,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from intent.listen import parse_listen as parse_listen  # re-exported: the flag is checked with it
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 
@@ -150,19 +152,6 @@ def serve(listen: str) -> None:
     127.0.0.1) from a daemon thread; OSError when the address cannot be bound."""
     host, port = parse_listen(listen)
     start_http_server(port, host, registry=REGISTRY)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``(host, port)`` of ``listen``; ValueError naming what is wrong."""
-    host, sep, port = listen.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", listen
-    host = host.removeprefix("[").removesuffix("]")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{listen!r}: give PORT or ADDR:PORT with a port from 1 to 65535")
-    if not host:
-        raise ValueError(f"{listen!r}: give an address before ':' (e.g. 127.0.0.1:{port})")
-    return host, int(port)
 
 
 # -- the runtime ------------------------------------------------------------------------------

@@ -5,6 +5,9 @@
   rollback, assign, retry)
 - ``trust_commands``: what an absence means, or standing back (unassign, drain, init)
 - ``report_commands``: what the agents report and what pp changed (status, history)
+- ``watch_commands``: ``--wait``, following a change's rollout over ``rollout`` (pure),
+  ``fleet`` (reading targets and reports) and ``rollout_view`` (how it is shown)
+- ``web``: ``pp web``, a read-only status page of the fleet
 - ``pack_command``: ``pp pack``, over ``pack`` (deterministic artifacts, published)
 - ``operator``: the read-modify-write of one key, and the pure transforms it applies
 - ``render``: tables, diffs and terminal-safe text
@@ -14,7 +17,7 @@
 
 from __future__ import annotations
 
-from intent.cli import commands, pack_command, report_commands, trust_commands
+from intent.cli import commands, pack_command, report_commands, trust_commands, web
 from intent.cli.group import cli, main
 
 # Qualified names: ``schema`` and ``pack`` are modules of this package too, and
@@ -23,7 +26,7 @@ for _command in (
     *(commands.apply, commands.validate, commands.schema, commands.get),
     *(commands.deploy, commands.rollback, commands.assign, commands.retry),
     *(trust_commands.unassign, trust_commands.drain, trust_commands.undrain, trust_commands.init),
-    *(report_commands.status, report_commands.history),
+    *(report_commands.status, report_commands.history, web.web),
     pack_command.pack,
 ):
     cli.add_command(_command)

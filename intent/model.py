@@ -228,7 +228,7 @@ class StoreIdentity(BaseModel):
     """``identity``: which store this is, so agents can tell it from a wiped or another one.
 
     Created with the first write ``pp`` makes (or ``pp init``). ``adopts`` lists earlier
-    identities an operator has declared this store the successor of (``pp store adopt``),
+    identities an operator has declared this store the successor of (``pp init --adopt``),
     so agents that knew one of them resume instead of holding."""
 
     id: str

@@ -134,7 +134,9 @@ class Liveness:
 
 
 @dataclass(frozen=True)
-class GateResult:
+class Verdict:
+    """How a wait for health ended: healthy or not, after how many passes and seconds."""
+
     healthy: bool
     passes: int
     output: str
@@ -154,7 +156,7 @@ def wait_healthy(
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
-) -> GateResult:
+) -> Verdict:
     """Wait until ``healthy_threshold`` consecutive checks pass on one incarnation of the
     process and it has been up ``min_uptime_s``, or until ``deadline_s`` passes.
 
@@ -181,12 +183,12 @@ def wait_healthy(
         uptime = wall() - alive.started_at if alive.up and alive.started_at is not None else 0.0
         threshold = 1 if check is None else healthy_threshold
         if passes >= threshold and uptime >= min_uptime_s:
-            return GateResult(True, passes, output, clock() - started)
+            return Verdict(True, passes, output, clock() - started)
         remaining = deadline_s - (clock() - started)
         if remaining <= 0:
             if passes >= threshold:
                 output = f"up only {uptime:.1f}s of min_uptime_s {min_uptime_s:g}; {output}"
-            return GateResult(False, passes, output, clock() - started)
+            return Verdict(False, passes, output, clock() - started)
         pause = interval_s
         if passes >= threshold:  # only uptime is missing: look again right when it is due
             pause = min(pause, max(0.0, min_uptime_s - uptime) + 0.01)
@@ -194,7 +196,7 @@ def wait_healthy(
             keepalive()
         if stop is not None:
             if stop.wait(min(pause, remaining)):
-                return GateResult(False, passes, "stopped while waiting for health", 0.0)
+                return Verdict(False, passes, "stopped while waiting for health", 0.0)
         else:
             sleep(min(pause, remaining))
 

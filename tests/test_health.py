@@ -174,7 +174,7 @@ def _gate(
     threshold: int = 3,
     min_uptime: float = 0.0,
     deadline: float = 10.0,
-) -> health.GateResult:
+) -> health.Verdict:
     results = iter(checks or [])
     starts = iter(started_at or [])
     last_start = [clock.t]

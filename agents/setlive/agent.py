@@ -14,7 +14,7 @@ import structlog
 
 from agents import health, metrics
 from agents.runtime import Agent, Outcome
-from agents.setlive.apply import DEFAULT_GATE, ApplyContext, ApplyResult, apply, retire
+from agents.setlive.apply import DEFAULT_HEALTH_CHECK, ApplyContext, ApplyResult, apply, retire
 from agents.setlive.observe import (
     Paths,
     health_of,
@@ -23,7 +23,7 @@ from agents.setlive.observe import (
     staged_entries,
     staged_services,
 )
-from agents.setlive.plan import Desired, Observed, Plan, plan
+from agents.setlive.plan import AwaitHealth, Desired, Observed, Plan, plan
 from agents.setlive.services import ENV_DIR
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
@@ -102,9 +102,9 @@ class SetliveAgent(Agent):
             desired, observed = observe(intent, ctx.layout, self.paths, notes, ctx.check)
             the_plan = plan(desired, observed)
             result = apply(the_plan, ctx)
-            gate_action = result.gate_action
-            if result.gate and not result.gate.healthy and gate_action and gate_action.deploy:
-                self._record_failure(intent, desired, observed, gate_action.version, result)
+            gate, verdict = result.gate, result.verdict
+            if gate is not None and verdict is not None and not verdict.healthy and gate.deploy:
+                self._record_failure(intent, desired, gate, verdict)
                 continue
             return self._outcome(intent, ctx, the_plan, result, observed)
         return Outcome.failed("internal error: no stable plan after a rollback")
@@ -141,7 +141,7 @@ class SetliveAgent(Agent):
             store=self.store,
             state=self.state,
             check=check,
-            gate=deploy.health_check or DEFAULT_GATE,
+            health_check=deploy.health_check or DEFAULT_HEALTH_CHECK,
             supervise_timeout_s=self.supervise_timeout_s,
             lease_ttl_s=self.lease_ttl_s,
             health_freshness_s=self.health_freshness_s,
@@ -174,19 +174,13 @@ class SetliveAgent(Agent):
     # -- failure and reports ----------------------------------------------------------------
 
     def _record_failure(
-        self,
-        intent: AppIntent,
-        desired: Desired,
-        observed: Observed,
-        version: str,
-        result: ApplyResult,
+        self, intent: AppIntent, desired: Desired, gate: AwaitHealth, verdict: health.Verdict
     ) -> None:
-        assert result.gate is not None and result.gate_action is not None
         failure = Failure(
-            version=version,
+            version=gate.version,
             fingerprint=desired.fingerprint,
-            rolled_back_to=result.gate_action.rollback_to,
-            output=result.gate.output,
+            rolled_back_to=gate.rollback_to,
+            output=verdict.output,
             failed_at=time.time(),
             retry_token=intent.retry_token,
         )
@@ -194,7 +188,7 @@ class SetliveAgent(Agent):
         log.warning(
             "setlive.rollback",
             app=intent.app,
-            failed=version,
+            failed=gate.version,
             to=failure.rolled_back_to,
             output=failure.output,
         )
@@ -223,8 +217,9 @@ class SetliveAgent(Agent):
     ) -> Outcome:
         app = intent.app
         state: AppState = self.state.load(app)
+        spec = ctx.health_check
         tracker = self._trackers.setdefault(
-            app, health.HealthTracker(ctx.gate.healthy_threshold, ctx.gate.unhealthy_threshold)
+            app, health.HealthTracker(spec.healthy_threshold, spec.unhealthy_threshold)
         )
         stage = self.paths.stage
         statuses = {n: runit.status(stage / n) for n in services_of(stage, app)}
@@ -252,10 +247,10 @@ class SetliveAgent(Agent):
                 return Outcome.converging(the_plan.wait, None, **details)
             return Outcome.converged(None, **details)
 
-        gate = result.gate
-        if gate is not None:
-            tracker.set("healthy" if gate.healthy else "unhealthy")
-            output = gate.output
+        verdict = result.verdict
+        if verdict is not None:
+            tracker.set("healthy" if verdict.healthy else "unhealthy")
+            output = verdict.output
         else:
             unchanged = not the_plan.actions and observed.current == version
             if unchanged and observed.healthy is not None:

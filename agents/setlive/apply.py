@@ -14,6 +14,7 @@ or ``during-await-health``); the crash tests use it to stop at each step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -61,8 +62,8 @@ from intent.store import IntentStore, StoreError
 
 log = structlog.get_logger()
 
-DEFAULT_GATE = HealthCheck(type="tcp")
-"""Gate timings when the app declares no health check (only runit's uptime counts)."""
+DEFAULT_HEALTH_CHECK = HealthCheck(type="tcp")
+"""The gate's timings when the app declares no health check (only runit's uptime counts)."""
 
 
 def lease_resource(app: str, cluster: str) -> str:
@@ -80,7 +81,8 @@ class ApplyContext:
     state: StateDir
     check: Callable[[str], health.Check | None]
     """The health check for a version (None: the app declares none)."""
-    gate: HealthCheck
+    health_check: HealthCheck
+    """The app's ``deploy_config.health_check``: the gate's thresholds and deadline."""
     supervise_timeout_s: float = 7.0
     lease_ttl_s: float = 30.0
     health_freshness_s: float = 180.0
@@ -94,8 +96,9 @@ class ApplyContext:
 @dataclass
 class ApplyResult:
     done: list[str] = field(default_factory=list)
-    gate: health.GateResult | None = None
-    gate_action: AwaitHealth | None = None
+    gate: AwaitHealth | None = None
+    """The health gate run, if one was (its verdict next)."""
+    verdict: health.Verdict | None = None
     wait: str | None = None
     error: str | None = None
 
@@ -241,15 +244,15 @@ def _step(
         case SetAutostart(name=name, on=on):
             runit.set_down_file(stage / name, not on)
         case AwaitHealth():
-            result.gate_action = action
-            result.gate = gate(action, ctx, lease, fresh)
-            if ctx.stop is not None and ctx.stop.is_set() and not result.gate.healthy:
+            result.gate = action
+            result.verdict = await_health(action, ctx, lease, fresh)
+            if ctx.stop is not None and ctx.stop.is_set() and not result.verdict.healthy:
                 # Not a verdict: the pending note makes the next setlive gate it again.
-                result.gate, result.gate_action = None, None
+                result.gate, result.verdict = None, None
                 result.wait = f"stopped during the health gate of {action.version}"
-            if result.gate is not None and result.gate.healthy:
+            if result.verdict is not None and result.verdict.healthy:
                 ctx.state.update(ctx.app, last_good=action.version)
-            return result.wait is not None or result.gate is None or not result.gate.healthy
+            return result.wait is not None or result.verdict is None or not result.verdict.healthy
         case ClearPending():
             ctx.state.update(ctx.app, pending=None)
     return False
@@ -261,7 +264,7 @@ def start_guard(ctx: ApplyContext, action: StartGuard) -> None:
     outlives setlive's restart and is nobody's zombie."""
     deadline = ctx.guard_deadline_s
     if deadline is None:
-        deadline = 2 * ctx.gate.deadline_s + ctx.supervise_timeout_s + 30
+        deadline = 2 * ctx.health_check.deadline_s + ctx.supervise_timeout_s + 30
     token = ctx.retry_token
     argv = [
         "setsid", "-f", sys.executable, "-m", "agents.setlive.guard",
@@ -288,10 +291,12 @@ def _relative_install(layout: AppLayout, version: str) -> str:
     return os.path.relpath(layout.install_dir(version), layout.basedir)
 
 
-def gate(
+def await_health(
     action: AwaitHealth, ctx: ApplyContext, lease: _Lease, fresh: dict[str, float]
-) -> health.GateResult:
-    spec = ctx.gate
+) -> health.Verdict:
+    """The health gate: wait until the target's services are up and its check passes,
+    by the app's thresholds, or its deadline passes."""
+    spec = ctx.health_check
     ctx.progress(
         f"switched to {action.version}: waiting up to {spec.deadline_s:g}s for it to be healthy",
         action.version,
@@ -314,7 +319,7 @@ def gate(
         return health.Liveness(True, started, tuple(s.pid for s in states.values()), "runit: up")
 
     started = time.monotonic()
-    result = health.wait_healthy(
+    verdict = health.wait_healthy(
         ctx.check(action.version),
         liveness,
         healthy_threshold=spec.healthy_threshold,
@@ -325,16 +330,16 @@ def gate(
         stop=ctx.stop,
     )
     log.log(
-        20 if result.healthy else 40,
+        logging.INFO if verdict.healthy else logging.ERROR,
         "setlive.gate",
         app=ctx.app,
         version=action.version,
-        healthy=result.healthy,
+        healthy=verdict.healthy,
         seconds=round(time.monotonic() - started, 3),
-        output=result.output,
+        output=verdict.output,
     )
-    metrics.gated(ctx.app, result.healthy, time.monotonic() - started)
-    return result
+    metrics.gated(ctx.app, verdict.healthy, time.monotonic() - started)
+    return verdict
 
 
 def _not_up_detail(

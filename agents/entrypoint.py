@@ -19,6 +19,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import structlog
 import tenacity
+from click.core import ParameterSource
 
 from agents import backoff, logs, metrics
 from agents.runtime import Agent, Runtime, RuntimeOptions
@@ -111,6 +112,40 @@ def common_options(command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def max_parallel_option(default: int, help: str) -> Callable[[F], F]:
+    """``--max-parallel``: how many apps an agent converges at once. ``--parallel``, its
+    former spelling (pp-setlive, pp-elb-registrar), is still read, hidden, so service
+    definitions written with it keep working; ``pop_max_parallel`` resolves the two."""
+
+    def add(command: F) -> F:
+        command = click.option(
+            "--parallel",
+            type=click.IntRange(min=1),
+            default=None,
+            hidden=True,
+            deprecated="Use --max-parallel instead.",
+        )(command)
+        return click.option(
+            "--max-parallel",
+            type=click.IntRange(min=1),
+            default=default,
+            show_default=True,
+            help=help,
+        )(command)
+
+    return add
+
+
+def pop_max_parallel(params: dict[str, Any]) -> int:
+    """``--max-parallel``, or the former ``--parallel`` when only that one was given."""
+    former: int | None = params.pop("parallel")
+    chosen: int = params.pop("max_parallel")
+    given = click.get_current_context().get_parameter_source("max_parallel")
+    if former is not None and given is ParameterSource.DEFAULT:
+        return former
+    return chosen
 
 
 def pop_common(params: dict[str, Any]) -> CommonOptions:

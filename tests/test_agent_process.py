@@ -4,6 +4,7 @@ shown with pp-preparer against the embedded store."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -144,3 +145,51 @@ def test_agent_usage_errors_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith(f"{agent}: error: Invalid value for '--node': 'a/b'")
+
+
+def test_every_agent_shows_max_parallel_and_still_reads_the_former_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import agents.setlive.__main__ as setlive_main
+    from agents import entrypoint
+    from agents.elb_registrar.__main__ import main as elb_registrar
+    from agents.preparer.__main__ import main as preparer
+
+    for agent in ("pp-preparer", "pp-setlive", "pp-elb-registrar"):
+        shown = subprocess.run(
+            [str(PREPARER.with_name(agent)), "--help"], capture_output=True, text=True, timeout=60
+        )
+        assert "--max-parallel" in shown.stdout and "--parallel" not in shown.stdout, agent
+
+    chosen: list[int] = []
+
+    def run(*args: object, max_parallel: int, **kwargs: object) -> None:
+        chosen.append(max_parallel)
+
+    monkeypatch.setattr(entrypoint, "run", run)
+    locks: list[int] = []  # setlive's state-dir locks, held by this process until closed
+    lock = setlive_main._lock
+
+    def keep_lock(state_dir: Path) -> int:
+        locks.append(lock(state_dir))
+        return locks[-1]
+
+    monkeypatch.setattr(setlive_main, "_lock", keep_lock)
+    try:
+        for main in (preparer, setlive_main.main, elb_registrar):
+            for n, (flags, expected) in enumerate(
+                (
+                    (["--max-parallel", "3"], 3),
+                    (["--parallel", "5"], 5),
+                    (["--parallel", "5", "--max-parallel", "6"], 6),
+                )
+            ):
+                state = ["--node", NODE, "--state-dir", str(tmp_path / f"{main.name}-{n}")]
+                result = CliRunner().invoke(main, [*state, *flags], catch_exceptions=False)
+                assert result.exit_code == 0, result.output
+                assert chosen.pop() == expected, (main.name, flags)
+    finally:
+        for fd in locks:
+            os.close(fd)

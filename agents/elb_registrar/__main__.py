@@ -82,12 +82,8 @@ def _instance_id(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help="setlive's --runit-stage: exec health checks run with the app's env dir there.",
 )
-@click.option(
-    "--parallel",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Apps converged at once (a wait for InService holds one for minutes).",
+@entrypoint.max_parallel_option(
+    8, "Apps converged at once (a wait for InService holds one for minutes)."
 )
 def main(**params: Any) -> None:
     """Keep this instance in each app's load balancers exactly while the app's active
@@ -119,7 +115,8 @@ def main(**params: Any) -> None:
             peer_freshness_s=params["peer_freshness"],
         )
 
-    entrypoint.run(common, build, max_parallel=params["parallel"], state_dir=state_dir)
+    max_parallel = entrypoint.pop_max_parallel(params)
+    entrypoint.run(common, build, max_parallel=max_parallel, state_dir=state_dir)
 
 
 if __name__ == "__main__":

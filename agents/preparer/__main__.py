@@ -97,13 +97,7 @@ class ByteSize(click.ParamType[int, Any]):
     show_default=True,
     help="Free space to leave on the install file system after a download.",
 )
-@click.option(
-    "--max-parallel",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Apps fetched and installed at the same time.",
-)
+@entrypoint.max_parallel_option(2, "Apps fetched and installed at the same time.")
 @click.option(
     "--keep-old",
     type=click.IntRange(min=0),
@@ -170,7 +164,8 @@ def main(**params: Any) -> None:
             settings, repo, params["keep_old"], store, common.node, state_dir=state_dir, stop=stop
         )
 
-    entrypoint.run(common, build, max_parallel=params["max_parallel"], state_dir=state_dir)
+    max_parallel = entrypoint.pop_max_parallel(params)
+    entrypoint.run(common, build, max_parallel=max_parallel, state_dir=state_dir)
 
 
 def _allowed_sources(value: str | None, repo: str | None) -> tuple[str, ...]:

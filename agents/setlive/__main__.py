@@ -67,12 +67,8 @@ def _lock(state_dir: Path) -> int:
     type=click.Path(file_okay=False, path_type=Path),
     help="setlive's notes: switches in progress, failed versions.",
 )
-@click.option(
-    "--parallel",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Apps converged at once (one app's health gate does not hold up others).",
+@entrypoint.max_parallel_option(
+    4, "Apps converged at once (one app's health gate does not hold up others)."
 )
 @click.option(
     "--supervise-timeout",
@@ -125,7 +121,8 @@ def main(**params: Any) -> None:
             guard_deadline_s=params["guard_deadline"],
         )
 
-    entrypoint.run(common, build, max_parallel=params["parallel"], state_dir=paths.state_dir)
+    max_parallel = entrypoint.pop_max_parallel(params)
+    entrypoint.run(common, build, max_parallel=max_parallel, state_dir=paths.state_dir)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from intent.errors import IntentError as IntentError  # parse() raises it: callers import it here
+
 M = TypeVar("M", bound=BaseModel)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -73,7 +75,7 @@ class VersionSpec(_Strict):
             parts = urlsplit(value)
             parts.port  # noqa: B018 - parsing the port is what validates it
         except ValueError as exc:
-            raise ValueError(f"not a valid URL ({exc})") from None
+            raise ValueError(f"not a valid URL ({exc})") from exc
         if parts.scheme not in URL_SCHEMES or not value.lower().startswith(parts.scheme + "://"):
             raise ValueError(f"must start with {', '.join(s + '://' for s in URL_SCHEMES)}")
         if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or "%" in value):
@@ -266,10 +268,6 @@ class AuditRecord(BaseModel):
     new: Any = None
 
 
-class IntentError(ValueError):
-    """Intent that cannot be used; the message is one line naming what to fix."""
-
-
 def describe(error: ValidationError) -> str:
     """Turn pydantic's multi-line report into one line an operator can act on."""
     parts = []
@@ -317,13 +315,13 @@ def decode_json(raw: bytes | str, key: str) -> Any:
     try:
         data = json.loads(raw, parse_constant=_no_constant, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
-        raise IntentError(f"{key}: not valid JSON ({exc.msg} at char {exc.pos})") from None
-    except UnicodeDecodeError:
-        raise IntentError(f"{key}: not valid UTF-8") from None
-    except RecursionError:
-        raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep") from None
+        raise IntentError(f"{key}: not valid JSON ({exc.msg} at char {exc.pos})") from exc
+    except UnicodeDecodeError as exc:
+        raise IntentError(f"{key}: not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep") from exc
     except ValueError as exc:  # NaN, an integer too long to convert
-        raise IntentError(f"{key}: not usable JSON ({exc})") from None
+        raise IntentError(f"{key}: not usable JSON ({exc})") from exc
     if _depth_exceeds(data, MAX_DEPTH):
         raise IntentError(f"{key}: nested more than {MAX_DEPTH} levels deep")
     return data
@@ -357,4 +355,4 @@ def parse(model: type[M], raw: bytes | str | dict[str, Any], key: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise IntentError(f"{key}: {describe(exc)}") from None
+        raise IntentError(f"{key}: {describe(exc)}") from exc

@@ -32,11 +32,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from intent.errors import SignatureError as SignatureError  # raised here: callers import it here
+
 SIGNATURE_SUFFIX = ".sig"
-
-
-class SignatureError(Exception):
-    """A key or signature that cannot be used; the message says which and why."""
 
 
 def signed_message(app: str, version: str, sha256: str) -> bytes:
@@ -56,7 +54,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         else:
             key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SignatureError(f"{path}: not an unencrypted Ed25519 private key ({exc})") from None
+        raise SignatureError(f"{path}: not an unencrypted Ed25519 private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path}: not an Ed25519 private key")
     return key
@@ -71,7 +69,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         else:
             key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SignatureError(f"{path}: not an Ed25519 public key ({exc})") from None
+        raise SignatureError(f"{path}: not an Ed25519 public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{path}: not an Ed25519 public key")
     return key
@@ -85,7 +83,7 @@ def load_trusted_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
     try:
         paths = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
     except OSError as exc:
-        raise SignatureError(f"--trusted-keys {directory}: {exc.strerror or exc}") from None
+        raise SignatureError(f"--trusted-keys {directory}: {exc.strerror or exc}") from exc
     keys = {p.name: load_public_key(p) for p in paths if p.is_file()}
     if not keys:
         raise SignatureError(f"--trusted-keys {directory}: no public keys in it")
@@ -147,4 +145,4 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise SignatureError(f"{path}: {exc.strerror or exc}") from None
+        raise SignatureError(f"{path}: {exc.strerror or exc}") from exc

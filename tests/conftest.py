@@ -12,8 +12,8 @@ import consul
 import pytest
 from consul_agent import ConsulAgent, find_consul
 
+from intent.store import KVStore
 from intent.store.consul import ConsulStore
-from intent.store.kv import KVStore
 from intent.store.sqlite import SqliteStore
 
 BACKENDS = ["sqlite", pytest.param("consul", marks=pytest.mark.consul)]

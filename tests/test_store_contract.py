@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from intent.model import Reality, Status
-from intent.store import IntentStore
-from intent.store.kv import MUST_NOT_EXIST, KVStore
+from intent.store import MUST_NOT_EXIST, IntentStore, KVStore
 from intent.store.sqlite import SqliteStore
 
 PROMPT_S = 1.5
@@ -285,6 +284,37 @@ def test_wait_on_several_prefixes_wakes_for_any_and_reports_which(kv: KVStore, n
     assert elapsed < PROMPT_S
     assert newer_token[0] != new_token[0]
     assert newer_token[1] == new_token[1]
+
+
+# -- closing ----------------------------------------------------------------------------------
+
+
+def test_a_store_used_in_a_with_block_is_closed_at_its_end(
+    store_factory: Callable[[], KVStore], ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[KVStore] = []
+
+    def watched() -> KVStore:
+        store = store_factory()
+        close = store.close
+
+        def close_and_note() -> None:
+            closed.append(store)
+            close()
+
+        monkeypatch.setattr(store, "close", close_and_note)
+        return store
+
+    kv = watched()
+    with kv as entered:
+        assert entered is kv and kv.put(ns + "k", b"v")
+    assert closed == [kv]
+
+    behind = watched()
+    with pytest.raises(RuntimeError), IntentStore(behind, ns) as intents:
+        assert intents.get_raw("k") is not None
+        raise RuntimeError("a failure inside the block")
+    assert closed == [kv, behind]
 
 
 # -- leases -----------------------------------------------------------------------------------

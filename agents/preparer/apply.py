@@ -36,12 +36,13 @@ from agents.system.fetch import (
 )
 from agents.system.fs import temp_name
 from agents.system.layout import MARKER_NAME, AppLayout, InstallMarker
+from intent.errors import PlatypusError
 from intent.signing import SignatureError, verify
 
 log = structlog.get_logger()
 
 
-class ApplyError(Exception):
+class ApplyError(PlatypusError):
     """One action failed; the message is the one line reported for its version."""
 
 
@@ -130,7 +131,7 @@ def ensure_dirs(layout: AppLayout) -> None:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise ApplyError(
                     f"{layout.installs} is not a directory (a link?): remove it"
-                ) from None
+                ) from exc
             raise
 
 
@@ -194,13 +195,13 @@ def install(
         fsync_directory(layout.installs)
         return Installed(action.version, fetched.size, extracted.files, extracted.bytes, signed_by)
     except FetchError as exc:
-        raise ApplyError(str(exc)) from None
+        raise ApplyError(str(exc)) from exc
     except archive.ArchiveError as exc:
-        raise ApplyError(str(exc)) from None
+        raise ApplyError(str(exc)) from exc
     except SignatureError as exc:
-        raise ApplyError(f"{shown}: {exc}; refused") from None
+        raise ApplyError(f"{shown}: {exc}; refused") from exc
     except OSError as exc:
-        raise ApplyError(f"{exc.filename or final}: {exc.strerror or exc}") from None
+        raise ApplyError(f"{exc.filename or final}: {exc.strerror or exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             download.unlink()
@@ -251,7 +252,7 @@ def _signature(url: str, settings: Settings) -> bytes | None:
     except FetchError as exc:
         raise ApplyError(
             f"no usable signature ({exc}); --trusted-keys requires a signed artifact"
-        ) from None
+        ) from exc
 
 
 def remove(layout: AppLayout, version: str) -> None:

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
+from intent.errors import PlatypusError
+
 if TYPE_CHECKING or sys.version_info >= (3, 12):
     import tarfile
 else:
@@ -102,7 +104,7 @@ _T = TypeVar("_T")
 _Refuse = Callable[[str], NoReturn]
 
 
-class ArchiveError(Exception):
+class ArchiveError(PlatypusError):
     """The artifact is refused; the message names the member and the reason."""
 
 
@@ -147,16 +149,16 @@ def extract(
                 raise ArchiveError(
                     f"artifact refused: its xz stream needs more than {XZ_MEMORY_LIMIT >> 20} "
                     "MiB of memory to decompress (compress with xz -9 or less, or gzip)"
-                ) from None
-            raise ArchiveError(f"not a valid tar archive: {exc}") from None
+                ) from exc
+            raise ArchiveError(f"not a valid tar archive: {exc}") from exc
         except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise ArchiveError(f"not a valid tar archive: {exc}") from None
+            raise ArchiveError(f"not a valid tar archive: {exc}") from exc
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise ArchiveError(
                     f"no space left in {dest.parent} while extracting; free some space"
-                ) from None
-            raise ArchiveError(f"cannot extract: {exc.strerror or exc}") from None
+                ) from exc
+            raise ArchiveError(f"cannot extract: {exc.strerror or exc}") from exc
     return Extracted(writer.files, writer.bytes)
 
 

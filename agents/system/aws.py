@@ -48,6 +48,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from intent.errors import PlatypusError
 from intent.model import ClassicElb, TargetGroup
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ NOT_FOUND_CODES = frozenset({"LoadBalancerNotFound", "TargetGroupNotFound"})
 _IAM_PREFIX = {"elb": "elasticloadbalancing", "elbv2": "elasticloadbalancing", "sts": "sts"}
 
 
-class AwsError(Exception):
+class AwsError(PlatypusError):
     def __init__(self, message: str, action: str, code: str | None = None) -> None:
         super().__init__(message)
         self.action = action

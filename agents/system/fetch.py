@@ -42,6 +42,7 @@ import structlog
 import tenacity
 
 from agents.system import file_url
+from intent.errors import PlatypusError
 from intent.signing import SIGNATURE_SUFFIX
 
 CHUNK = 1 << 20
@@ -54,7 +55,7 @@ long, even while a read waits for bytes that never come."""
 log = structlog.get_logger()
 
 
-class FetchError(Exception):
+class FetchError(PlatypusError):
     """A fetch that failed; ``transient`` ones are worth retrying."""
 
     def __init__(
@@ -122,7 +123,7 @@ def check_url(url: str) -> None:
         try:
             file_url.local_path(url)
         except file_url.Refused as exc:
-            raise FetchError(f"{url}: {exc}") from None
+            raise FetchError(f"{url}: {exc}") from exc
     if parts.scheme == "s3" and (not parts.netloc or not parts.path.strip("/")):
         raise FetchError(f"{display_url(url)}: use s3://bucket/key")
 
@@ -175,7 +176,7 @@ def fetch(
                 raise
             raise FetchError(
                 f"{display_url(url)}: {error}", transient=error.transient, stopped=error.stopped
-            ) from None
+            ) from exc
     return Fetched(progress.hasher.hexdigest(), progress.received, attempts)
 
 
@@ -439,11 +440,11 @@ class _FileSource:
         try:
             fd = file_url.open_url(self.url, self.local_root)
         except file_url.Refused as exc:
-            raise FetchError(str(exc)) from None
-        except FileNotFoundError:
-            raise FetchError("no such file") from None
+            raise FetchError(str(exc)) from exc
+        except FileNotFoundError as exc:
+            raise FetchError("no such file") from exc
         except OSError as exc:
-            raise FetchError(exc.strerror or str(exc)) from None
+            raise FetchError(exc.strerror or str(exc)) from exc
         f = os.fdopen(fd, "rb")
         f.seek(offset)
         return _Opened(f, offset, os.fstat(fd).st_size, None, f.close)
@@ -512,14 +513,14 @@ class _HttpSource:
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416:
-                raise FetchError("HTTP 416, starting again", restart=True) from None
+                raise FetchError("HTTP 416, starting again", restart=True) from exc
             hint = {404: " (no artifact at this URL: check --repo or the version's url)"}
             raise FetchError(
                 f"HTTP {exc.code} {exc.reason}{hint.get(exc.code, '')}",
                 transient=exc.code in _RETRY_STATUSES,
-            ) from None
+            ) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise _transient(exc) from None
+            raise _transient(exc) from exc
         start, total = 0, _int(response.headers.get("Content-Length"))
         if response.status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
@@ -613,9 +614,9 @@ class _S3Source:
         try:
             response = s3_client(self.timeout_s).get_object(**args)
         except ClientError as exc:
-            raise _s3_error(exc) from None
+            raise _s3_error(exc) from exc
         except BotoCoreError as exc:
-            raise _s3_boto_error(exc) from None
+            raise _s3_boto_error(exc) from exc
         body = response["Body"]
         # botocore's body keeps urllib3's response, whose shutdown() is there to wake a
         # read blocked in another thread. (Until the headers arrive, botocore's own
@@ -642,7 +643,7 @@ class _S3Body:
         try:
             return bytes(self.body.read(size))
         except BotoCoreError as exc:
-            raise FetchError(f"{type(exc).__name__}: {exc}", transient=True) from None
+            raise FetchError(f"{type(exc).__name__}: {exc}", transient=True) from exc
 
 
 def _s3_error(exc: Any) -> FetchError:

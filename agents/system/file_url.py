@@ -112,9 +112,9 @@ def _open_refusing_links(name: str, flags: int, dir_fd: int, names: list[str]) -
             raise Refused(
                 f"{'/'.join(names)} passes through {name!r}, a link or not a directory; "
                 "links in the repo are not followed: publish the file itself"
-            ) from None
+            ) from exc
         if exc.errno == errno.ENXIO:  # a socket
-            raise Refused(f"{'/'.join(names)} is not a regular file") from None
+            raise Refused(f"{'/'.join(names)} is not a regular file") from exc
         raise
 
 

@@ -19,12 +19,14 @@ from urllib.parse import urlsplit
 
 import tenacity
 
+from intent.errors import PlatypusError
+
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_S = 21600
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 
 
-class ImdsError(Exception):
+class ImdsError(PlatypusError):
     """The instance id could not be learned; the message says why, in one line."""
 
 
@@ -60,10 +62,10 @@ def instance_id(endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 2.0, attemp
             {"X-aws-ec2-metadata-token": token},
             timeout_s,
         )
-    except TimeoutError:
-        raise ImdsError(f"instance metadata at {endpoint}: no answer in {timeout_s:g}s") from None
+    except TimeoutError as exc:
+        raise ImdsError(f"instance metadata at {endpoint}: no answer in {timeout_s:g}s") from exc
     except OSError as exc:
-        raise ImdsError(f"instance metadata at {endpoint}: {exc.strerror or exc}") from None
+        raise ImdsError(f"instance metadata at {endpoint}: {exc.strerror or exc}") from exc
     if not _INSTANCE_ID.match(found):
         raise ImdsError(f"instance metadata at {endpoint}: {found[:40]!r} is not an instance id")
     return found
@@ -78,7 +80,7 @@ def _request(
         response = conn.getresponse()
         body = response.read(1024).decode("ascii", "replace").strip()
     except http.client.HTTPException as exc:
-        raise ImdsError(f"instance metadata at http://{host}:{port}: {exc}") from None
+        raise ImdsError(f"instance metadata at http://{host}:{port}: {exc}") from exc
     finally:
         conn.close()
     if response.status != 200:

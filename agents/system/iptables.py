@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from intent.errors import PlatypusError
+
 LOCK_WAIT_S = 10
 """How long a restore waits for the xtables lock another tool may hold."""
 
@@ -34,7 +36,7 @@ MIXED_BACKENDS = "iptables-legacy tables present"
 """What the nft-backed ``iptables-save`` says when legacy rules also exist."""
 
 
-class IptablesError(Exception):
+class IptablesError(PlatypusError):
     """A command failed; the message is one line naming what to fix."""
 
 
@@ -158,15 +160,15 @@ class Iptables:
                 timeout=TIMEOUT_S,
                 check=False,
             )
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise IptablesError(
                 f"{command[0]}: command not found; install Debian's iptables package "
                 "or choose the commands with --iptables/--iptables-restore/--iptables-save"
-            ) from None
-        except PermissionError:
-            raise IptablesError(f"{command[0]}: not executable (permission denied)") from None
-        except subprocess.TimeoutExpired:
-            raise IptablesError(f"{shown}: no answer after {TIMEOUT_S:.0f} s") from None
+            ) from exc
+        except PermissionError as exc:
+            raise IptablesError(f"{command[0]}: not executable (permission denied)") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise IptablesError(f"{shown}: no answer after {TIMEOUT_S:.0f} s") from exc
         if done.returncode != 0:
             raise IptablesError(_describe_failure(shown, done.returncode, done.stderr))
         return done.stdout

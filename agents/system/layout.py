@@ -114,7 +114,7 @@ class InstallMarker:
             error = data.get("launch_error")
             app, version = data["app"], data["version"]
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"not an install marker: {exc}") from None
+            raise ValueError(f"not an install marker: {exc}") from exc
         if not all(e is None or (isinstance(e, str) and is_entry_name(e)) for e in launch):
             raise ValueError("not an install marker: bad launch entries")
         if not (isinstance(app, str) and isinstance(version, str)):

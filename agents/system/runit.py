@@ -28,6 +28,7 @@ from typing import Literal
 import tenacity
 
 from agents.system import fs
+from intent.errors import PlatypusError
 
 State = Literal["run", "down", "finish"]
 
@@ -37,7 +38,7 @@ _TAI_OFFSET = 2**62 + 10
 SV_TIMEOUT_S = 10.0
 
 
-class RunitError(Exception):
+class RunitError(PlatypusError):
     """``sv`` refused or failed; the message is one line with its own words."""
 
 
@@ -201,12 +202,12 @@ def control(service: Path, commands: str) -> None:
         fd = os.open(service / "supervise" / "control", os.O_WRONLY | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno in (errno.ENXIO, errno.ENOENT, errno.ENOTDIR):
-            raise RunitError(f"{service}: runsv is not running for this service") from None
-        raise RunitError(f"{service}: cannot open supervise/control: {exc.strerror}") from None
+            raise RunitError(f"{service}: runsv is not running for this service") from exc
+        raise RunitError(f"{service}: cannot open supervise/control: {exc.strerror}") from exc
     try:
         os.write(fd, commands.encode())
     except OSError as exc:
-        raise RunitError(f"{service}: cannot write to supervise/control: {exc.strerror}") from None
+        raise RunitError(f"{service}: cannot write to supervise/control: {exc.strerror}") from exc
     finally:
         os.close(fd)
 
@@ -239,10 +240,10 @@ def sv(command: str, service: Path, timeout_s: float = SV_TIMEOUT_S) -> str:
             timeout=timeout_s,
             check=False,
         )
-    except FileNotFoundError:
-        raise RunitError("sv not found in PATH: install runit") from None
-    except subprocess.TimeoutExpired:
-        raise RunitError(f"sv {command} {service}: no answer in {timeout_s:.0f}s") from None
+    except FileNotFoundError as exc:
+        raise RunitError("sv not found in PATH: install runit") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RunitError(f"sv {command} {service}: no answer in {timeout_s:.0f}s") from exc
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
         raise RunitError(output.splitlines()[0] if output else f"sv {command} {service} failed")

@@ -78,7 +78,7 @@ def parse_app_file(text: str, source: str) -> AppFile:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "cannot parse"
-        raise IntentError(f"{source}: not valid YAML{where}: {problem}") from None
+        raise IntentError(f"{source}: not valid YAML{where}: {problem}") from exc
     if not isinstance(data, dict):
         raise IntentError(f"{source}: expected a mapping with 'app' and 'clusters'")
     return parse(AppFile, data, source)
@@ -95,5 +95,5 @@ def read_app_file(path: str) -> AppFile:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise IntentError(f"{path}: cannot read: {reason}") from None
+        raise IntentError(f"{path}: cannot read: {reason}") from exc
     return parse_app_file(text, path)

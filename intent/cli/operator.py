@@ -35,8 +35,7 @@ from intent.model import (
     describe,
     parse,
 )
-from intent.store import IntentStore
-from intent.store.kv import MUST_NOT_EXIST
+from intent.store import MUST_NOT_EXIST, IntentStore
 
 ATTEMPTS = 5
 """Read-modify-write cycles tried before giving up on a key others keep changing."""
@@ -70,11 +69,11 @@ def actor() -> str:
 def check_name(what: str, value: str) -> str:
     try:
         return _NAME.validate_python(value)
-    except ValidationError:
+    except ValidationError as exc:
         raise OperatorError(
             f"{what} {value!r}: use 1-64 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit, without '..'"
-        ) from None
+        ) from exc
 
 
 def decode(raw: bytes) -> Json:
@@ -187,7 +186,7 @@ def deployed(
     try:
         spec = VersionSpec.model_validate(fields)
     except ValidationError as exc:
-        raise IntentError(f"{key}: versions.{version}.{describe(exc)}") from None
+        raise IntentError(f"{key}: versions.{version}.{describe(exc)}") from exc
     versions = {
         name: (s.model_copy(update={"state": "prep"}) if s.state == "active" else s)
         for name, s in config.versions.items()

@@ -84,7 +84,7 @@ def build(directory: Path, out: BinaryIO, mtime: int | None = None) -> str:
             try:
                 source = path.open("rb")
             except OSError as exc:  # the source's fault, not the destination's
-                raise PackError(f"{path}: {exc.strerror or exc}") from None
+                raise PackError(f"{path}: {exc.strerror or exc}") from exc
             with source:
                 tar.addfile(info, source)
     return str(writer.hasher.hexdigest())
@@ -96,7 +96,7 @@ def _entries(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
     try:
         names = sorted(os.listdir(root))
     except OSError as exc:
-        raise PackError(f"{root}: {exc.strerror or exc}") from None
+        raise PackError(f"{root}: {exc.strerror or exc}") from exc
     for name in names:
         path = root / name
         yield path, prefix + name
@@ -107,8 +107,8 @@ def _entries(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
 def _tarinfo(path: Path, name: str, mtime: int) -> tarfile.TarInfo:
     try:
         name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PackError(f"{path}: file name is not valid UTF-8; rename it") from None
+    except UnicodeEncodeError as exc:
+        raise PackError(f"{path}: file name is not valid UTF-8; rename it") from exc
     info = tarfile.TarInfo(name)
     info.mtime = mtime
     info.uid = info.gid = 0
@@ -197,7 +197,7 @@ def _publish_file(
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PackError(f"{dest.parent}: {exc.strerror or exc}") from None
+        raise PackError(f"{dest.parent}: {exc.strerror or exc}") from exc
     tmp = _temp_beside(dest)
     try:
         sha256, size = _build_to(directory, tmp)
@@ -217,7 +217,7 @@ def _publish_file(
             sig_tmp.write_bytes(signature(sha256))
             os.replace(sig_tmp, sig)
     except OSError as exc:
-        raise PackError(f"{dest}: {exc.strerror or exc}") from None
+        raise PackError(f"{dest}: {exc.strerror or exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -262,9 +262,9 @@ def _publish_s3(
                 client.put_object(Bucket=bucket, Key=key + SIGNATURE_SUFFIX, Body=signature(sha256))
         except ClientError as exc:
             error = exc.response.get("Error", {})
-            raise PackError(f"{url}: {error.get('Code')}: {error.get('Message', '')}") from None
+            raise PackError(f"{url}: {error.get('Code')}: {error.get('Message', '')}") from exc
         except BotoCoreError as exc:
-            raise PackError(f"{url}: {exc}") from None
+            raise PackError(f"{url}: {exc}") from exc
     return Published(url, sha256, size, unchanged)
 
 

@@ -18,7 +18,7 @@ def _name(what: str) -> Callable[[click.Context, click.Parameter, str], str]:
         try:
             return check_name(what, value)
         except OperatorError as exc:
-            raise click.BadParameter(str(exc)) from None
+            raise click.BadParameter(str(exc)) from exc
 
     return check
 
@@ -54,7 +54,7 @@ def pack(directory: Path, app: str, version: str, repo: str, key: Path | None, f
         try:
             private = load_private_key(key)
         except SignatureError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(str(exc)) from exc
 
         def signer(app: str, version: str, sha256: str) -> bytes:
             return sign(private, app, version, sha256)
@@ -62,7 +62,7 @@ def pack(directory: Path, app: str, version: str, repo: str, key: Path | None, f
     try:
         published = build_and_publish(directory, app, version, repo, signer, force)
     except PackError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     state = "already published" if published.unchanged else "published"
     click.echo(f"{state} {published.url} ({published.size} bytes)", err=True)
     click.echo(published.sha256)

@@ -12,10 +12,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from intent import keys
+from intent.errors import StoreError, StoreUnavailable
 from intent.store.intent_store import AppIntent, IntentStore, Versioned
-from intent.store.kv import Entry, KVStore, StoreError, StoreUnavailable
+from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, WatchToken
 
 __all__ = [
+    "MUST_NOT_EXIST",
     "AppIntent",
     "Entry",
     "IntentStore",
@@ -23,6 +25,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Versioned",
+    "WatchToken",
     "default_store_url",
     "open_kv",
     "open_store",

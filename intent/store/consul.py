@@ -41,7 +41,8 @@ import consul
 import requests
 import structlog
 
-from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, StoreError, StoreUnavailable, WatchToken
+from intent.errors import StoreError, StoreUnavailable
+from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, WatchToken
 
 log = structlog.get_logger(__name__)
 
@@ -110,8 +111,8 @@ class ConsulStore(KVStore):
         if parts.netloc:
             try:
                 url_port = parts.port
-            except ValueError:
-                raise StoreError(f"store URL {url!r}: the port is not a number") from None
+            except ValueError as exc:
+                raise StoreError(f"store URL {url!r}: the port is not a number") from exc
             host, port = _host_port(parts.hostname, url_port, scheme, url)
         else:
             addr = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
@@ -129,8 +130,8 @@ class ConsulStore(KVStore):
                 addr_parts = urlsplit(f"//{addr}")
             try:
                 addr_port = addr_parts.port
-            except ValueError:
-                raise StoreError(f"CONSUL_HTTP_ADDR={addr!r}: the port is not a number") from None
+            except ValueError as exc:
+                raise StoreError(f"CONSUL_HTTP_ADDR={addr!r}: the port is not a number") from exc
             host, port = _host_port(addr_parts.hostname, addr_port, scheme, addr)
 
         token, token_source = _token_from_env()
@@ -164,41 +165,41 @@ class ConsulStore(KVStore):
         where = f"consul at {self.address}"
         try:
             yield
-        except consul.ACLPermissionDenied:
+        except consul.ACLPermissionDenied as exc:
             raise StoreError(
                 f"{where}: permission denied to {action} {key!r} with {self._token_source}; "
                 "grant its ACL policy access to that key or use another token"
-            ) from None
+            ) from exc
         except consul.ACLDisabled as exc:
             raise StoreError(
                 f"{where}: unauthorized to {action} {key!r} with {self._token_source} "
                 f"({_first_line(exc)}); check CONSUL_HTTP_TOKEN"
-            ) from None
+            ) from exc
         except requests.exceptions.SSLError as exc:
             raise StoreUnavailable(
                 f"{where}: TLS failed to {action} {key!r} ({_reason(exc)}); "
                 "check CONSUL_CACERT and the URL scheme"
-            ) from None
-        except requests.exceptions.Timeout:
+            ) from exc
+        except requests.exceptions.Timeout as exc:
             raise StoreUnavailable(
                 f"{where} did not answer in time to {action} {key!r}; check the agent"
-            ) from None
+            ) from exc
         except requests.exceptions.ConnectionError as exc:
             raise StoreUnavailable(
                 f"{where} unreachable ({_reason(exc)}) to {action} {key!r}; "
                 "check that the agent runs and the store URL"
-            ) from None
-        except consul.Timeout:
-            raise StoreUnavailable(f"{where}: request to {action} {key!r} timed out") from None
+            ) from exc
+        except consul.Timeout as exc:
+            raise StoreUnavailable(f"{where}: request to {action} {key!r} timed out") from exc
         except consul.ConsulException as exc:
             text = _first_line(exc)
             if text[:1] == "5":
                 raise StoreUnavailable(
                     f"{where}: server error on {action} {key!r}: {text}"
-                ) from None
-            raise StoreError(f"{where}: cannot {action} {key!r}: {text}") from None
+                ) from exc
+            raise StoreError(f"{where}: cannot {action} {key!r}: {text}") from exc
         except requests.exceptions.RequestException as exc:
-            raise StoreError(f"{where}: cannot {action} {key!r}: {_first_line(exc)}") from None
+            raise StoreError(f"{where}: cannot {action} {key!r}: {_first_line(exc)}") from exc
 
     @staticmethod
     def _check_key(key: str) -> None:
@@ -464,7 +465,7 @@ def _token_from_env() -> tuple[str | None, str]:
             with open(path) as f:
                 token = f.read().strip()
         except OSError as exc:
-            raise StoreError(f"CONSUL_HTTP_TOKEN_FILE={path}: {exc.strerror}") from None
+            raise StoreError(f"CONSUL_HTTP_TOKEN_FILE={path}: {exc.strerror}") from exc
         return token or None, f"the token in {path} (ending {token[-4:]!r})"
     return None, "no token (anonymous)"
 

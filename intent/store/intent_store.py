@@ -11,9 +11,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
 
 from intent import keys
+from intent.errors import StoreError
 from intent.model import (
     AgentStatus,
     AppConfig,
@@ -28,7 +30,7 @@ from intent.model import (
     is_safe_name,
     parse,
 )
-from intent.store.kv import MUST_NOT_EXIST, KVStore, StoreError, WatchToken
+from intent.store.kv import MUST_NOT_EXIST, KVStore, WatchToken
 
 T = TypeVar("T")
 
@@ -69,6 +71,8 @@ def encode(value: Any) -> bytes:
 
 
 class IntentStore:
+    """The store in Platypus's terms; ``with`` closes it."""
+
     def __init__(self, kv: KVStore, prefix: str = keys.DEFAULT_PREFIX) -> None:
         self.kv = kv
         self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
@@ -316,6 +320,17 @@ class IntentStore:
 
     def close(self) -> None:
         self.kv.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _retry_token(raw: bytes) -> str | None:

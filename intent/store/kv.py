@@ -12,6 +12,8 @@ import abc
 import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
 
 WatchToken = tuple[int, ...]
 """Opaque progress marker for ``wait``: pass back what the last call returned."""
@@ -26,20 +28,15 @@ class Entry:
     the same bytes are written again); the value ``put(expect=...)`` compares against."""
 
 
-class StoreError(Exception):
-    """A store operation failed for a reason other than the store being away."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be reached right now; callers keep what they have and retry."""
-
-
 MUST_NOT_EXIST = 0
 """Pass as ``expect`` to ``put`` to create a key only if it is absent."""
 
 
 class KVStore(abc.ABC):
-    """A versioned key/value store. Keys are plain strings; prefixes end with '/'."""
+    """A versioned key/value store. Keys are plain strings; prefixes end with '/'.
+
+    Operations raise ``StoreUnavailable`` when the backend cannot be reached and
+    ``StoreError`` when it refuses (see ``intent.errors``). ``with`` closes it."""
 
     @abc.abstractmethod
     def get(self, key: str) -> Entry | None: ...
@@ -80,3 +77,14 @@ class KVStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

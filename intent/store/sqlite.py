@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from intent.store.kv import Entry, KVStore, StoreUnavailable, WatchToken
+from intent.errors import StoreUnavailable
+from intent.store.kv import Entry, KVStore, WatchToken
 
 POLL_INTERVAL_S = 0.05
 _PREFIX_END = "\U0010ffff"
@@ -76,7 +77,7 @@ class SqliteStore(KVStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open embedded store {self.path}: {exc}") from None
+            raise StoreUnavailable(f"cannot open embedded store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -100,7 +101,7 @@ class SqliteStore(KVStore):
         try:
             yield
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from exc
 
     @staticmethod
     def _next_version(db: sqlite3.Connection) -> int:

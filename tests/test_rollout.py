@@ -691,3 +691,21 @@ def test_status_prints_a_summary_per_app_and_cluster(
     assert lines[1].split() == ["web", "prod", "1", "1/2", "1", "-", "-"]
     assert lines[2] == ""
     assert lines[3].startswith("NODE")
+
+
+def test_status_summary_shows_clusters_whose_intent_is_missing_or_invalid(
+    web: IntentStore, store_url: tuple[str, str]
+) -> None:
+    web.put_json(keys.node_app("n3", "web"), {"cluster": "canary"})  # no intent for canary
+    web.put_json(keys.node_app("n4", "web"), {"custer": "prod"})  # misspelt: invalid
+    web.put_json(keys.config("api", "prod"), {"versions": "nope"})
+    url, prefix = store_url
+    result = CliRunner().invoke(cli.cli, ["--store", url, "--prefix", prefix, "status"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[:4] for line in result.output.split("\n\n")[0].splitlines()[1:]]
+    assert rows == [
+        ["api", "prod", "invalid", "0/0"],
+        ["web", "<invalid>", "invalid", "0/1"],
+        ["web", "canary", "missing", "0/1"],
+        ["web", "prod", "1", "2/2"],
+    ]

@@ -1,10 +1,10 @@
 """The fleet as pp's rollout views read it: each app's clusters as rollout targets, and the
 agents' reports with the store version each was written at.
 
-Reads only. A listing of ``clusters/`` and one of ``nodes/`` give every target at once
-(the status page reads them every few seconds); reports are listed per node, or the
-whole of ``reality/`` for the page. Values that do not parse are skipped here and shown
-as the target's problem, never raised: one bad key must not hide the fleet.
+Reads only. One listing of ``nodes/`` gives every assignment, one per cluster its
+intent (parsed by the store, as the agents parse it); reports are listed per node, or
+the whole of ``reality/`` at once for the status page. A value that does not parse is
+the target's problem, never raised: one bad key must not hide the fleet.
 """
 
 from __future__ import annotations
@@ -16,19 +16,13 @@ from dataclasses import dataclass, field, replace
 
 from intent import keys
 from intent.cli.rollout import ReportKey, Rollout, Snapshot, Target, evaluate
-from intent.model import (
-    AppConfig,
-    DeployConfig,
-    IntentError,
-    M,
-    NodeAssignment,
-    Reality,
-    parse,
-)
+from intent.model import IntentError, NodeAssignment, Reality, parse
 from intent.store import IntentStore
 
 Pair = tuple[str, str]
 """``(app, cluster)``."""
+INVALID = "<invalid>"
+"""The cluster of assignments that do not parse (as ``IntentStore.nodes_of`` says)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ def assignments(store: IntentStore) -> dict[Pair, list[str]]:
         try:
             cluster = parse(NodeAssignment, entry.value, entry.key).cluster
         except IntentError:
-            cluster = "<invalid>"
+            cluster = INVALID
         found.setdefault((app, cluster), []).append(node)
     return found
 
@@ -89,17 +83,14 @@ def targets(
 ) -> list[Target]:
     """The targets of ``wanted`` clusters (None: every cluster with intent or nodes), as
     the store holds them now. ``confirm``: clusters whose change kept the version."""
-    prefix = store.prefix + keys.CLUSTERS
-    values: dict[Pair, dict[str, bytes]] = {}
-    for entry in store.kv.list(prefix):
-        parts = entry.key[len(prefix) :].split("/")
-        if len(parts) == 3 and parts[2] in ("config", "deploy_config"):
-            values.setdefault((parts[0], parts[1]), {})[parts[2]] = entry.value
     nodes = assignments(store)
-    pairs = sorted(set(values) | set(nodes)) if wanted is None else sorted(set(wanted))
-    return [
-        _target(pair, values.get(pair, {}), nodes.get(pair, []), pair in confirm) for pair in pairs
-    ]
+    if wanted is None:
+        prefix = store.prefix + keys.CLUSTERS
+        found = {tuple(e.key[len(prefix) :].split("/")[:2]) for e in store.kv.list(prefix)}
+        pairs = sorted({(p[0], p[1]) for p in found if len(p) == 2} | set(nodes))
+    else:
+        pairs = sorted(set(wanted))
+    return [_target(store, pair, nodes.get(pair, []), pair in confirm) for pair in pairs]
 
 
 def overview(store: IntentStore, app: str | None = None, node: str | None = None) -> Rollout:
@@ -120,31 +111,19 @@ def overview(store: IntentStore, app: str | None = None, node: str | None = None
     return evaluate(found, snapshot, 0.0, timeout_s=math.inf)
 
 
-def _target(pair: Pair, raw: dict[str, bytes], nodes: list[str], confirm: bool) -> Target:
-    app, cluster = pair
-    problems: list[str] = []
-    config = _parsed(AppConfig, keys.config(app, cluster), raw.get("config"), problems)
-    deploy = _parsed(
-        DeployConfig, keys.deploy_config(app, cluster), raw.get("deploy_config"), problems
-    )
+def _target(store: IntentStore, pair: Pair, nodes: list[str], confirm: bool) -> Target:
+    if pair[1] == INVALID:
+        where = ", ".join(keys.node_app(n, pair[0]) for n in sorted(nodes))
+        return Target(*pair, None, tuple(sorted(nodes)), problem=f"{where}: invalid assignment")
+    intent = store.app_intent(*pair)
+    deploy = intent.deploy
     return Target(
-        app=app,
-        cluster=cluster,
-        version=config.active_version if config is not None else None,
+        app=pair[0],
+        cluster=pair[1],
+        version=intent.config.active_version if intent.config is not None else None,
         nodes=tuple(sorted(nodes)),
         ports=bool(deploy and deploy.ports),
         elb=bool(deploy and deploy.elb),
         confirm=confirm,
-        problem="; ".join(problems) or None,
+        problem=intent.error,
     )
-
-
-def _parsed(model: type[M], key: str, raw: bytes | None, problems: list[str]) -> M | None:
-    if raw is None:
-        problems.append(f"{key}: missing")
-        return None
-    try:
-        return parse(model, raw, key)
-    except IntentError as exc:
-        problems.append(str(exc))
-        return None

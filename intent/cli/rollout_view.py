@@ -126,7 +126,8 @@ def summary_rows(rollout: Rollout) -> list[list[str]]:
 
 def _desired(target: Target) -> str:
     if target.problem:
-        return "invalid" if "missing" not in target.problem else "missing"
+        missing = all(p.endswith(": missing") for p in target.problem.split("; "))
+        return "missing" if missing else "invalid"
     return target.version or "(stopped)"
 
 

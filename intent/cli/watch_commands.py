@@ -35,6 +35,7 @@ from rich.text import Text
 from intent import keys
 from intent.cli import fleet, render, rollout_view
 from intent.cli.group import Env, PPUsageError, echo, warn
+from intent.cli.operator import PlannedWrite
 from intent.cli.rollout import (
     DEFAULT_SILENT_AFTER_S,
     DEFAULT_TIMEOUT_S,
@@ -97,7 +98,9 @@ class Wait:
         self.requests.append(Request(app, cluster, node, confirm))
         self.changed |= changed
 
-    def watch_apply(self, app: str, clusters: Iterable[str], writes: Sequence[Any]) -> None:
+    def watch_apply(
+        self, app: str, clusters: Iterable[str], writes: Sequence[PlannedWrite]
+    ) -> None:
         """``pp apply``: every cluster of the file; those whose config or deploy_config
         changed while the active version stayed need reports written after the change."""
         by_key = {w.key: w for w in writes}
@@ -281,7 +284,7 @@ def _targets(store: IntentStore, requests: Sequence[Request]) -> list[Target]:
             pairs[(request.app, request.cluster)] = request
             continue
         for app, cluster in assigned:
-            if app == request.app and cluster != "<invalid>":
+            if app == request.app and cluster != fleet.INVALID:
                 pairs[(app, cluster)] = request
     confirm = [pair for pair, request in pairs.items() if request.confirm]
     targets = []

@@ -397,7 +397,15 @@ def test_status_shows_a_row_per_node_agent_and_app_with_age_and_message(
     assert result.exit_code == 0, result.output
     lines = detail_rows(result.stdout)
     assert lines[0].split() == ["NODE", "AGENT", "APP", "STATUS", "VERSION", "AGE", "MESSAGE"]
-    assert lines[1].split() == ["web1", "preparer", "hello", "converged", "1.0.0", "2h"]
+    assert lines[1].split() == [
+        "web1",
+        "preparer",
+        "hello",
+        "converged",
+        "installed",
+        "1.0.0",
+        "2h",
+    ]
     assert lines[2].split() == [
         "web2",
         "preparer",
@@ -413,6 +421,25 @@ def test_status_shows_a_row_per_node_agent_and_app_with_age_and_message(
     assert len(lines) == 4
     assert "web9" in pp("status").stdout
     assert "web1" not in pp("status", "--node", "web9").stdout
+
+
+def test_status_after_a_rollback_says_how_each_agent_made_its_version_real(
+    pp: Pp, hello: str, store: IntentStore
+) -> None:
+    rolled_back = "2.0 failed its health gate (http: 503); rolled back to 1.0"
+    report(store, node="web1", status="converged", version="2.0")
+    report(store, node="web1", agent="setlive", status="error", version="1.0", error=rolled_back)
+    report(store, node="web1", agent="elb-registrar", status="converged", version="1.0")
+    report(store, node="web1", agent="iptables", status="converged", version="2.0")
+    report(store, node="web1", agent="newcomer", status="converged", version="1.0")
+    rows = {
+        line.split()[1]: line.split()[3:6] for line in detail_rows(pp("status", "hello").stdout)
+    }
+    assert rows["preparer"] == ["converged", "installed", "2.0"]
+    assert rows["setlive"] == ["error", "running", "1.0"]
+    assert rows["elb-registrar"] == ["converged", "running", "1.0"]
+    assert rows["iptables"] == ["converged", "mapped", "2.0"]
+    assert rows["newcomer"][:2] == ["converged", "1.0"]  # an agent pp does not know: as stored
 
 
 def test_status_calls_out_stale_reports_and_nodes_nobody_reported_on(

@@ -225,6 +225,7 @@ def test_sha_mismatch_fails_that_version_only_and_other_apps_install(world: Worl
     assert os.listdir(layout.installs) == ["hello_1.0"]  # the bad bytes were discarded
     report = world.report("hello")
     assert report.status == "error"
+    assert report.version == "1.0"  # the active version is installed: made real here
     assert report.details["versions"]["1.0"] == "installed"
     assert report.details["versions"]["2.0"].startswith("error: sha256 mismatch")
     assert BAD_SHA in report.details["versions"]["2.0"]
@@ -236,8 +237,10 @@ def test_sha_mismatch_fails_that_version_only_and_other_apps_install(world: Worl
 def test_a_missing_artifact_is_reported_with_its_url(world: World) -> None:
     world.assign("hello", {"1.0": active(BAD_SHA)})
     world.run(check=1)
-    state = world.report("hello").details["versions"]["1.0"]
+    report = world.report("hello")
+    state = report.details["versions"]["1.0"]
     assert f"{world.server.url}/hello/hello_1.0.tar.gz: HTTP 404" in state
+    assert report.version is None  # nothing installed: the intent's wish is not reported as done
 
 
 def test_bad_intent_for_one_app_removes_nothing_and_blocks_nothing(world: World) -> None:

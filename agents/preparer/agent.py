@@ -2,7 +2,9 @@
 
 It fetches, verifies and extracts; it never starts or stops anything. Per app:
 observe what is under ``<basedir>/installs``, plan, apply, and report each
-version's state to ``reality/<node>/preparer/<app>``.
+version's state to ``reality/<node>/preparer/<app>``. The report's ``version`` is
+what the preparer has made real, as every agent's is: the active version once it
+is installed here (None before), never the intent's wish alone.
 
 Apps no longer assigned to the node keep their installs: pp-setlive stops
 them, and deleting files of an app that may come back (or that an operator is
@@ -99,22 +101,21 @@ class Preparer(Agent):
         app, config, deploy = intent.app, intent.config, intent.deploy
         active = config.active_version
         if app in self._conflicts:
-            return Outcome.failed(self._conflicts[app], active)
+            return Outcome.failed(self._conflicts[app])
         try:
             owner = _owner(deploy.run_as)
         except KeyError:
             return Outcome.failed(
                 f"run_as user {deploy.run_as!r} does not exist on this host: create it or "
-                "change run_as in deploy_config",
-                active,
+                "change run_as in deploy_config"
             )
         layout = AppLayout(Path(deploy.basedir), app)
         try:
             apply.ensure_dirs(layout)
         except apply.ApplyError as exc:
-            return Outcome.failed(str(exc), active)
+            return Outcome.failed(str(exc))
         except OSError as exc:
-            return Outcome.failed(f"cannot create {layout.installs}: {exc.strerror}", active)
+            return Outcome.failed(f"cannot create {layout.installs}: {exc.strerror}")
         wanted = [
             Wanted(
                 version,
@@ -130,11 +131,9 @@ class Preparer(Agent):
                 self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 ours = held.enter_context(apply.exclusive(lock))
             except OSError as exc:
-                return Outcome.failed(f"--state-dir {self.state_dir}: {exc.strerror}", active)
+                return Outcome.failed(f"--state-dir {self.state_dir}: {exc.strerror}")
             if not ours:
-                return Outcome.converging(
-                    f"another pp-preparer is working on {app} (lock {lock})", active
-                )
+                return Outcome.converging(f"another pp-preparer is working on {app} (lock {lock})")
             return self._converge_locked(app, active, layout, wanted, owner)
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
@@ -226,13 +225,14 @@ class Preparer(Agent):
             "versions": states,
             "last_success": self._last_success.get(app),
         }
+        installed = _installed(active, states)
         if problems:
-            return Outcome.failed("; ".join(problems), active, **details)
+            return Outcome.failed("; ".join(problems), installed, **details)
         if stopped:  # not a failure: no backoff
             return Outcome.converging(
-                f"stopped before {', '.join(stopped)} was installed", active, **details
+                f"stopped before {', '.join(stopped)} was installed", installed, **details
             )
-        return Outcome.converged(active, **details)
+        return Outcome.converged(installed, **details)
 
     def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
         """Say 'fetching' while a long download runs (the runtime reports only after)."""
@@ -243,12 +243,17 @@ class Preparer(Agent):
             agent=self.name,
             app=app,
             status="converging",
-            version=active,
+            version=_installed(active, states),
             details={"versions": states, "last_success": self._last_success.get(app)},
         )
         # Reality is best effort; the runtime's final report follows anyway.
         with contextlib.suppress(StoreError):
             self.store.write_reality(report)
+
+
+def _installed(active: str | None, states: Mapping[str, str]) -> str | None:
+    """The active version when it is installed here: what the report's ``version`` says."""
+    return active if active is not None and states.get(active) == "installed" else None
 
 
 def default_state_dir() -> Path:

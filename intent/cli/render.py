@@ -17,6 +17,14 @@ the store keeps that write once the last one is 30 s old (REALITY_HEARTBEAT_S); 
 without one means the agent is stopped or stuck."""
 
 STATUS_COLUMNS = ("NODE", "AGENT", "APP", "STATUS", "VERSION", "AGE", "MESSAGE")
+MADE_REAL = {
+    "preparer": "installed",
+    "setlive": "running",
+    "elb-registrar": "running",
+    "iptables": "mapped",
+}
+"""How each agent has made its report's version real on the node, shown with it in VERSION
+(``installed 2.0`` next to ``running 1.0`` after a rollback is no disagreement)."""
 HISTORY_COLUMNS = ("TIME", "ACTOR", "ACTION", "KEY", "CHANGE")
 
 
@@ -78,11 +86,19 @@ def status_rows(
             stale = f"no report for {age(now - r.updated_at)}"
             message = f"{stale}: {message}" if message else stale
         rows.append(
-            [r.node, r.agent, r.app, r.status, r.version or "-", age(now - r.since), message]
+            [r.node, r.agent, r.app, r.status, version_cell(r), age(now - r.since), message]
         )
     for node, app in unreported:
         rows.append([node, "-", app, "unknown", "-", "-", "no agent has reported yet"])
     return sorted(rows)
+
+
+def version_cell(report: Reality) -> str:
+    """``installed 2.0``, ``running 1.0``: the version with how the agent made it real."""
+    if report.version is None:
+        return "-"
+    how = MADE_REAL.get(report.agent)
+    return f"{how} {report.version}" if how else report.version
 
 
 def pretty(value: Any) -> str:

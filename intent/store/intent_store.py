@@ -11,8 +11,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
 from intent import keys
 from intent.errors import StoreError
@@ -30,7 +29,7 @@ from intent.model import (
     is_safe_name,
     parse,
 )
-from intent.store.kv import MUST_NOT_EXIST, KVStore, WatchToken
+from intent.store.kv import MUST_NOT_EXIST, ClosedByWith, KVStore, WatchToken
 
 T = TypeVar("T")
 
@@ -70,7 +69,7 @@ def encode(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-class IntentStore:
+class IntentStore(ClosedByWith):
     """The store in Platypus's terms; ``with`` closes it."""
 
     def __init__(self, kv: KVStore, prefix: str = keys.DEFAULT_PREFIX) -> None:
@@ -320,17 +319,6 @@ class IntentStore:
 
     def close(self) -> None:
         self.kv.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _retry_token(raw: bytes) -> str | None:

@@ -32,7 +32,25 @@ MUST_NOT_EXIST = 0
 """Pass as ``expect`` to ``put`` to create a key only if it is absent."""
 
 
-class KVStore(abc.ABC):
+class ClosedByWith:
+    """What a ``with`` block closes at its end: ``close`` releases connections."""
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class KVStore(ClosedByWith, abc.ABC):
     """A versioned key/value store. Keys are plain strings; prefixes end with '/'.
 
     Operations raise ``StoreUnavailable`` when the backend cannot be reached and
@@ -74,17 +92,3 @@ class KVStore(abc.ABC):
 
     @abc.abstractmethod
     def lease_holders(self, resource: str) -> builtins.list[str]: ...
-
-    def close(self) -> None:  # noqa: B027 - most backends have nothing to release
-        """Release connections; the store must not be used afterwards."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -6,6 +6,7 @@ by the module; the first deploy of each waits for runsvdir's scan (up to 5 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -194,6 +195,31 @@ def get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, str]:
         conn.close()
 
 
+@contextlib.contextmanager
+def asking(port: int) -> Iterator[list[tuple[float, str | None]]]:
+    """Ask the app on ``port`` over and over while the block runs: yields the answers,
+    ``(when, body)``, None for a request refused or cut off mid-answer."""
+    results: list[tuple[float, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            at = time.monotonic()
+            try:
+                results.append((at, get(port, timeout=0.5)[1]))
+            except (OSError, http.client.HTTPException):
+                results.append((at, None))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        thread.join()
+
+
 def uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -288,28 +314,11 @@ def test_upgrade_switches_current_and_restarts_with_a_short_gap(host: Host) -> N
     assert host.converge()
     time.sleep(1.1)  # runsv delays a restart within a second of the last start
 
-    results: list[tuple[float, str | None]] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            at = time.monotonic()
-            try:
-                results.append((at, get(port, timeout=0.5)[1]))
-            except (OSError, http.client.HTTPException):  # refused, or cut off mid-answer
-                results.append((at, None))
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    try:
+    with asking(port) as results:
         time.sleep(0.2)
         host.intent("upgrade", port, "2")
         assert host.converge()
         time.sleep(0.2)
-    finally:
-        stop.set()
-        thread.join()
 
     answers = [body for _, body in results]
     failures = [at for at, body in results if body is None]
@@ -652,27 +661,10 @@ def test_a_changed_service_set_keeps_the_old_version_serving_until_the_switch(ho
     time.sleep(1.1)  # runsv delays a restart within a second of the last start
 
     # one service -> two: the new ones wait for runsvdir's scan while 1 still answers
-    results: list[tuple[float, str | None]] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            at = time.monotonic()
-            try:
-                results.append((at, get(port, timeout=0.5)[1]))
-            except (OSError, http.client.HTTPException):
-                results.append((at, None))
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    try:
+    with asking(port) as results:
         host.intent("reshape", port, "2", run_as="root")
         assert host.converge(), host.report("reshape")
         time.sleep(0.2)
-    finally:
-        stop.set()
-        thread.join()
     failures = [at for at, body in results if body is None]
     window = failures[-1] - failures[0] if failures else 0.0
     print(f"\nservice set change gap: {len(failures)} failed, window {window * 1000:.0f} ms")

@@ -1,6 +1,8 @@
-"""How long the agents wait before trying again: two policies, tenacity's wait
-strategies used as calculators.
+"""How long the agents wait before trying again: tenacity's wait strategies used as
+calculators.
 
+- An app whose converge is waiting on something outside (the preparer's install, a
+  lease) is checked again after 0.25 s, then twice as long each time up to 2 s.
 - An app whose converge failed retries after ``min(max, initial * 2**(n-1)) + up to
   1 s`` (exponential with a little jitter): a broken artifact or a failing health
   gate is not hammered, and a fixed one is picked up by the next intent change.
@@ -32,6 +34,11 @@ def store_retry(max_s: float = DEFAULT_STORE_RETRY_MAX_S) -> wait_base:
     return tenacity.wait_random_exponential(
         multiplier=STORE_RETRY_FIRST_S, max=max_s, min=min(STORE_RETRY_MIN_S, max_s)
     )
+
+
+def recheck(first_s: float, max_s: float) -> wait_base:
+    """An app waiting on something outside: ``first_s``, doubling, up to ``max_s``."""
+    return tenacity.wait_exponential(multiplier=first_s, max=max_s)
 
 
 def calculator(wait: wait_base) -> Callable[[int], float]:

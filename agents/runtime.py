@@ -123,7 +123,11 @@ class RuntimeOptions:
     max_parallel: int = 1
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    converging_first_s: float = 0.25
     converging_retry_s: float = 2.0
+    """An app waiting on something outside (the preparer's install, a lease, runsvdir) is
+    checked again after ``converging_first_s``, then twice as long each time up to this:
+    what it waits for is usually done within a second, and nothing else wakes it."""
     watch_timeout_s: float = 30.0
     store_retry_max_s: float = backoff.DEFAULT_STORE_RETRY_MAX_S
     """The cap of the jittered delay between attempts to reach an unreachable store."""
@@ -147,6 +151,8 @@ class _AppState:
     intent_error: str | None = None
     outcome: Outcome | None = None
     """The last converge's outcome (None: not converged since the agent started)."""
+    waits: int = 0
+    """Consecutive converges that ended waiting ("converging")."""
     report_pending: bool = False
     """The last report could not be written (store unreachable): write it when back."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -174,6 +180,9 @@ class Runtime:
         )
         """Seconds an app waits after ``n`` consecutive failed converges."""
         self._store_retry = backoff.calculator(backoff.store_retry(options.store_retry_max_s))
+        self._recheck = backoff.calculator(
+            backoff.recheck(options.converging_first_s, options.converging_retry_s)
+        )
         self._queue: WorkQueue[str] = WorkQueue(self.backoff, clock)
         self._apps: dict[str, _AppState] = {}
         self._apps_lock = threading.Lock()
@@ -317,10 +326,12 @@ class Runtime:
             outcome = self._converge_one(intent)
             with state.lock:
                 state.outcome = outcome
+                state.waits = state.waits + 1 if outcome.status == "converging" else 0
+                waits = state.waits
             if outcome.status == "converged":
                 self._queue.forget(app)
             elif outcome.status == "converging":
-                self._queue.add_after(app, self.options.converging_retry_s)
+                self._queue.add_after(app, self._recheck(waits))
             else:
                 self._queue.add_rate_limited(app)
             if self._state(app) is state:

@@ -176,6 +176,22 @@ def browser(tmp_path: Path) -> Iterator[object]:
         driver_.quit()
 
 
+SNAPSHOT = """
+const states = {};
+for (const row of document.querySelectorAll("tr.node")) {
+  states[row.dataset.node] = row.querySelector("td.state").textContent;
+}
+const n1 = document.querySelector('tr[data-node="n1"] td.state');
+const n2 = document.querySelector('tr[data-node="n2"] td.message');
+return {
+  states: states,
+  message: n2 ? n2.textContent : null,
+  colour: n1 ? getComputedStyle(n1).backgroundColor : null,
+  desired: Array.from(document.querySelectorAll("span.desired"), d => d.textContent),
+};
+"""
+
+
 def test_the_page_in_a_browser_updates_itself_when_intent_changes(
     server: str, store: IntentStore, browser: object, tmp_path: Path
 ) -> None:
@@ -185,18 +201,13 @@ def test_the_page_in_a_browser_updates_itself_when_intent_changes(
 
     assert isinstance(browser, WebDriver)
     browser.get(server + "/")
-    rows = browser.find_elements(By.CSS_SELECTOR, "tr.node")
-    states = {
-        r.get_attribute("data-node"): r.find_element(By.CSS_SELECTOR, "td.state").text for r in rows
-    }
-    assert states == {"n1": "converged", "n2": "failed", "n3": "converging", "n9": "held"}
-    message = browser.find_element(By.CSS_SELECTOR, 'tr[data-node="n2"] td.message').text
-    assert message == f"setlive: 1 is unhealthy: {HOSTILE}"  # shown as text
+    # The page replaces its rows as it updates itself: read them in one script, so a
+    # refresh between two reads cannot leave a stale element behind.
+    page = browser.execute_script(SNAPSHOT)
+    assert page["states"] == {"n1": "converged", "n2": "failed", "n3": "converging", "n9": "held"}
+    assert page["message"] == f"setlive: 1 is unhealthy: {HOSTILE}"  # shown as text
+    assert page["colour"] == "rgb(212, 245, 212)"
     assert browser.execute_script("return window.pwned === undefined")
-    colour = browser.find_element(
-        By.CSS_SELECTOR, 'tr[data-node="n1"] td.state'
-    ).value_of_css_property("background-color")
-    assert colour == "rgba(212, 245, 212, 1)"
     # A mark in this page's JavaScript state: a reload would lose it.
     browser.execute_script("window.sameLoad = 'yes'")
 
@@ -213,9 +224,9 @@ def test_the_page_in_a_browser_updates_itself_when_intent_changes(
             report(store, node, agent, "converged", "2")
 
     def updated(driver: WebDriver) -> bool:
-        desired = [d.text for d in driver.find_elements(By.CSS_SELECTOR, "span.desired")]
-        states = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "tr.node td.state")]
-        return "2" in desired and states.count("converged") == 3
+        page = driver.execute_script(SNAPSHOT)
+        states = list(page["states"].values())
+        return "2" in page["desired"] and states.count("converged") == 3
 
     WebDriverWait(browser, 20, poll_frequency=0.2).until(updated)
     assert browser.execute_script("return window.sameLoad") == "yes"

@@ -21,11 +21,14 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from intent import image_ref
 from intent.errors import IntentError as IntentError  # parse() raises it: callers import it here
+from intent.image_ref import parse_image
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,10 +64,54 @@ class _Strict(BaseModel):
 URL_SCHEMES = ("file", "http", "https", "s3")
 
 
+def _pinned_image(value: str) -> str:
+    parse_image(value)
+    return value
+
+
+ImageReference = Annotated[
+    str,
+    AfterValidator(_pinned_image),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": image_ref.PATTERN,
+            "description": "A Docker image pinned by digest: host[:port]/name@sha256:<64 hex>",
+        }
+    ),
+]
+"""``host[:port]/name@sha256:<64 hex>`` (``intent.image_ref``): an image pinned by digest."""
+
+
 class VersionSpec(_Strict):
+    """One version: a tarball (``sha256``, and ``url`` unless the preparer has a
+    ``--repo``) or a Docker image (``image``, whose digest is the checksum)."""
+
     state: Literal["active", "prep"]
-    sha256: Sha256
+    sha256: Sha256 | None = None
     url: str | None = Field(default=None, min_length=1)
+    image: ImageReference | None = None
+
+    @model_validator(mode="after")
+    def _one_artifact(self) -> VersionSpec:
+        if self.image is None:
+            if self.sha256 is None:
+                raise ValueError("sha256: required (or give image for a Docker image)")
+            return self
+        if self.url is not None:
+            raise ValueError("url: not with image (an image is pulled from its registry); drop one")
+        if self.sha256 is not None and self.sha256 != parse_image(self.image).sha256:
+            raise ValueError("sha256: differs from the image's digest; drop sha256")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The 64 hex digits the artifact is verified by: the tarball's sha256 or the
+        image's manifest digest."""
+        if self.image is not None:
+            return parse_image(self.image).sha256
+        assert self.sha256 is not None  # _one_artifact
+        return self.sha256
 
     @field_validator("url")
     @classmethod

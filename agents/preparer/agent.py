@@ -119,7 +119,7 @@ class Preparer(Agent):
         wanted = [
             Wanted(
                 version,
-                spec.sha256,
+                spec.digest,
                 spec.url or (artifact_url(self.repo, app, version) if self.repo else None),
                 spec.state == "active",
             )

@@ -189,7 +189,7 @@ def observe(
     config, deploy = intent.config, intent.deploy
     assert config is not None and deploy is not None and intent.cluster is not None
     active = config.active_version
-    sha = config.versions[active].sha256 if active else None
+    sha = config.versions[active].digest if active else None
     desired = Desired(
         app=intent.app,
         version=active,

@@ -86,12 +86,25 @@ class Agent(abc.ABC):
 
     name: ClassVar[str]
 
+    _progress_sink: Callable[[str, Outcome], None] | None = None
+
     converges_in_background: ClassVar[bool] = False
     """Converge apps on worker threads that run on across passes, so one app's slow
     converge (a download, a health gate) does not hold up new intent for the others.
     Only for agents whose ``converge`` may overlap the next pass's ``begin_pass``,
     ``unmanaged`` and ``remove`` (for other apps). Otherwise each pass converges the
     apps due and finishes before the next pass begins."""
+
+    def report_progress(self, app: str, outcome: Outcome) -> None:
+        """Say where a long converge stands (a download, a health gate) before it ends.
+        The runtime writes it as the app's report, through the same path as a converge's
+        outcome, so a store outage is tracked the same way; without a runtime (a unit
+        test of one converge) it goes nowhere."""
+        if self._progress_sink is not None:
+            self._progress_sink(app, outcome)
+
+    def attach_progress(self, sink: Callable[[str, Outcome], None]) -> None:
+        self._progress_sink = sink
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first pass (e.g. to clean up after a crash)."""
@@ -184,6 +197,7 @@ class Runtime:
             backoff.recheck(options.converging_first_s, options.converging_retry_s)
         )
         self._queue: WorkQueue[str] = WorkQueue(self.backoff, clock)
+        agent.attach_progress(self._progress)
         self._apps: dict[str, _AppState] = {}
         self._apps_lock = threading.Lock()
         self._wake = threading.Event()
@@ -452,6 +466,16 @@ class Runtime:
                 outcome = state.outcome
             if outcome is not None:
                 state.report_pending = not self._report(app, outcome)
+
+    def _progress(self, app: str, outcome: Outcome) -> None:
+        """An agent's word on a converge still running: written under the app's lock like
+        any report, and not over an invalid intent's error, which is the news."""
+        state = self._state(app)
+        if state is None:
+            return
+        with state.lock:
+            if state.intent_error is None:
+                self._report(app, outcome)
 
     def _report(self, app: str, outcome: Outcome) -> bool:
         """Write one report; False when the store was unreachable (write it later)."""

@@ -9,12 +9,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import consul
+import hypothesis
 import pytest
 from consul_agent import ConsulAgent, find_consul
 
 from intent.store import KVStore
 from intent.store.consul import ConsulStore
 from intent.store.sqlite import SqliteStore
+
+# Property tests check logic, not speed: a per-example deadline is a timing assertion
+# that a busy machine fails (speed is measured under bench/).
+hypothesis.settings.register_profile("platypus", deadline=None)
+hypothesis.settings.load_profile("platypus")
 
 BACKENDS = ["sqlite", pytest.param("consul", marks=pytest.mark.consul)]
 SHORT_TTL_S = 0.3

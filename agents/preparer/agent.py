@@ -34,7 +34,6 @@ from agents.runtime import Agent, Outcome
 from agents.system import file_url
 from agents.system.layout import AppLayout
 from intent.artifacts import artifact_url
-from intent.model import Reality
 from intent.store import AppIntent, IntentStore, StoreError
 
 log = structlog.get_logger()
@@ -236,19 +235,16 @@ class Preparer(Agent):
 
     def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
         """Say 'fetching' while a long download runs (the runtime reports only after)."""
-        if self.store is None or self.node is None:
-            return
-        report = Reality(
-            node=self.node,
-            agent=self.name,
-            app=app,
-            status="converging",
-            version=_installed(active, states),
-            details={"versions": states, "last_success": self._last_success.get(app)},
+        fetching = sorted(v for v, state in states.items() if state == "fetching")
+        self.report_progress(
+            app,
+            Outcome.converging(
+                f"fetching {', '.join(fetching)}",
+                _installed(active, states),
+                versions=states,
+                last_success=self._last_success.get(app),
+            ),
         )
-        # Reality is best effort; the runtime's final report follows anyway.
-        with contextlib.suppress(StoreError):
-            self.store.write_reality(report)
 
 
 def _installed(active: str | None, states: Mapping[str, str]) -> str | None:

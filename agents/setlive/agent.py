@@ -28,8 +28,8 @@ from agents.setlive.services import ENV_DIR
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
 from agents.system.layout import AppLayout
-from intent.model import DeployConfig, Reality
-from intent.store import AppIntent, IntentStore, StoreError
+from intent.model import DeployConfig
+from intent.store import AppIntent, IntentStore
 
 log = structlog.get_logger()
 
@@ -130,7 +130,7 @@ class SetliveAgent(Agent):
             return self._check(intent, layout, version)
 
         def progress(reason: str, version: str | None) -> None:
-            self._report_progress(intent.app, reason, version)
+            self.report_progress(intent.app, Outcome.converging(reason, version, health="unknown"))
 
         return ApplyContext(
             app=intent.app,
@@ -193,19 +193,6 @@ class SetliveAgent(Agent):
             output=failure.output,
         )
         metrics.rolled_back(intent.app)
-
-    def _report_progress(self, app: str, reason: str, version: str | None) -> None:
-        report = Reality(
-            node=self.node,
-            agent=self.name,
-            app=app,
-            status="converging",
-            version=version,
-            error=reason,
-            details={"health": "unknown"},
-        )
-        with contextlib.suppress(StoreError):
-            self.store.write_reality(report)
 
     def _outcome(
         self,

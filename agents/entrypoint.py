@@ -26,6 +26,7 @@ from agents.runtime import Agent, Runtime, RuntimeOptions
 from intent import keys
 from intent.model import is_safe_name
 from intent.store import IntentStore, StoreError, StoreUnavailable, default_store_url, open_store
+from intent.usage import usage_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,8 +45,8 @@ class CommonOptions:
 
 class _OneLineUsageError(click.UsageError):
     def show(self, file: IO[Any] | None = None) -> None:
-        name = self.ctx.command_path if self.ctx is not None else "pp"
-        click.echo(f"{name}: error: {self.format_message()} (see '{name} --help')", err=True)
+        name = self.ctx.command_path if self.ctx is not None else sys.argv[0].rsplit("/", 1)[-1]
+        click.echo(f"{name}: error: {usage_line(self)}", err=True)
 
 
 class AgentCommand(click.Command):

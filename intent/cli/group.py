@@ -23,6 +23,7 @@ from intent.cli import operator as op
 from intent.cli import render
 from intent.model import IntentError
 from intent.store import IntentStore, StoreError, default_store_url, open_store
+from intent.usage import usage_line
 
 
 class PPError(click.ClickException):
@@ -43,8 +44,7 @@ def _one_line_errors() -> Iterator[None]:
     except (PPError, click.exceptions.NoArgsIsHelpError):
         raise
     except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        raise PPUsageError(exc.format_message() + hint) from None
+        raise PPUsageError(usage_line(exc)) from None
     except click.ClickException as exc:
         raise PPError(exc.format_message()) from None
     except (IntentError, op.OperatorError, StoreError) as exc:

@@ -9,6 +9,7 @@
   ``fleet`` (reading targets and reports) and ``rollout_view`` (how it is shown)
 - ``web``: ``pp web``, a read-only status page of the fleet
 - ``pack_command``: ``pp pack``, over ``pack`` (deterministic artifacts, published)
+- ``bundle_command``: ``pp bundle``, over ``bundle`` (the agents' own self-contained tarball)
 - ``operator``: the read-modify-write of one key, and the pure transforms it applies
 - ``render``: tables, diffs and terminal-safe text
 - ``appfile``: app files (YAML), one app's clusters as ``pp apply`` and ``pp get`` see them
@@ -17,7 +18,7 @@
 
 from __future__ import annotations
 
-from intent.cli import commands, pack_command, report_commands, trust_commands, web
+from intent.cli import bundle_command, commands, pack_command, report_commands, trust_commands, web
 from intent.cli.group import cli, main
 
 # Qualified names: ``schema`` and ``pack`` are modules of this package too, and
@@ -28,6 +29,7 @@ for _command in (
     *(trust_commands.unassign, trust_commands.drain, trust_commands.undrain, trust_commands.init),
     *(report_commands.status, report_commands.history, web.web),
     pack_command.pack,
+    bundle_command.bundle_command,
 ):
     cli.add_command(_command)
 

@@ -49,7 +49,7 @@ from agents import backoff, metrics, trust
 from agents.workqueue import WorkQueue
 from intent.model import AgentState, AgentStatus, Reality, Status, is_safe_name
 from intent.store import AppIntent, IntentStore, StoreError, StoreUnavailable
-from intent.store.kv import WatchToken
+from intent.store.node_watch import NodeWatch
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,8 @@ class Runtime:
 
     def _pass(self, force: bool, drain: bool) -> bool:
         try:
-            intents = self.store.apps_for_node(self.options.node)
+            # A resync reads afresh; other passes take what the watch brought.
+            intents = self.store.apps_for_node(self.options.node, fresh=force)
             verdict = self._trust.check(frozenset(i.app for i in intents))
         except StoreError as exc:
             self._store_state(False, exc)
@@ -659,7 +660,7 @@ class Runtime:
     def _watch(self) -> None:
         """Wake the loop when this node's intent changes (blocking store waits), and
         as soon as the store answers again after failing."""
-        token: WatchToken | None = None
+        token: NodeWatch | None = None
         failures = 0
         while not self.stop_event.is_set():
             try:

@@ -8,7 +8,15 @@ queries and sessions. Consul's vocabulary stays inside this module.
 - ``wait`` is one blocking query per prefix, run side by side on daemon
   threads. A query still in flight when ``wait`` returns is kept and reused by the
   next call that asks for the same prefix and index, so a watch loop never piles
-  up abandoned requests. A watch token holds one index per prefix.
+  up abandoned requests. A watch token holds one index per prefix. Each query asks
+  for the values too (``recurse``), so ``wait_entries`` hands a woken watcher what
+  changed without a second request.
+- Each blocking query holds an HTTP connection for as long as it waits, so one store
+  runs at most ``watch_connections`` at a time. Past that many prefixes they take
+  turns: each waits at most ``shared_wait_s`` and then gives its connection to the
+  next, so a change is seen within about ``ceil(prefixes / watch_connections) *
+  shared_wait_s`` instead of at once, and no read is spent on prefixes that did not
+  change. The connection pool is sized for the watches plus plain requests.
 - Leases follow Consul's semaphore recipe: each holder owns a TTL session with
   ``behavior=delete`` and a key ``<resource><holder>`` acquired with it, and
   ``<resource>.lock`` lists the sessions holding a lease, updated with
@@ -42,7 +50,7 @@ import requests
 import structlog
 
 from intent.errors import StoreError, StoreUnavailable
-from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, WatchToken
+from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, WatchToken, WokenEntries
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +62,14 @@ MAX_LEASE_TTL_S = 86400
 REQUEST_TIMEOUT_S = 10.0
 CAS_RETRIES = 32
 LOCK_SUFFIX = ".lock"
+
+WATCH_CONNECTIONS = 16
+"""Blocking queries one store keeps open at once: a node's watch is its own prefix, the
+store's identity and one prefix per assigned app, so 14 apps fit without sharing."""
+SHARED_WAIT_S = 5.0
+"""How long each blocking query waits when more prefixes than connections take turns."""
+PLAIN_CONNECTIONS = 4
+"""Connections kept for plain requests beside the watches."""
 
 DEFAULT_HTTP_PORT = 8500
 DEFAULT_HTTPS_PORT = 8501
@@ -75,6 +91,8 @@ class ConsulStore(KVStore):
         verify: bool | str = True,
         cert: tuple[str, str] | str | None = None,
         timeout: float = REQUEST_TIMEOUT_S,
+        watch_connections: int = WATCH_CONNECTIONS,
+        shared_wait_s: float = SHARED_WAIT_S,
     ) -> None:
         self.address = f"{scheme}://{host}:{port}"
         self._token_source = token_source
@@ -91,8 +109,18 @@ class ConsulStore(KVStore):
         self._client.token = token
         self._sessions: dict[tuple[str, str], str] = {}
         self._sessions_lock = threading.Lock()
-        self._inflight: dict[tuple[str, int], Future[int]] = {}
+        self._inflight: dict[tuple[str, int], Future[_Answer]] = {}
         self._inflight_lock = threading.Lock()
+        self.watch_connections = watch_connections
+        self._watch_slots = threading.BoundedSemaphore(watch_connections)
+        self.shared_wait_s = shared_wait_s
+        # requests keeps 10 connections per host and opens (then drops) one more for
+        # each request past that: size the pool so watches never churn connections.
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=1, pool_maxsize=watch_connections + PLAIN_CONNECTIONS
+        )
+        for scheme_prefix in ("http://", "https://"):
+            self._client.http.session.mount(scheme_prefix, adapter)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -241,21 +269,24 @@ class ConsulStore(KVStore):
 
     # -- watch ------------------------------------------------------------------------------
 
-    def _index(self, prefix: str, since: int | None = None, wait_s: float = 0.0) -> int:
-        """The prefix's index now or, with ``since``, once it moves past ``since``
-        (or ``wait_s`` passes). Consul may answer early with the same index."""
+    def _index(self, prefix: str, since: int | None = None, wait_s: float = 0.0) -> _Answer:
+        """The prefix's index and entries now or, with ``since``, once its index moves
+        past ``since`` (or ``wait_s`` passes). Consul may answer early with the same
+        index."""
         with self._errors("watch", prefix):
             if since is None:
-                index, _ = self._client.kv.get(prefix, keys=True)
+                index, items = self._client.kv.get(prefix, recurse=True)
             else:
                 wait = f"{max(1, math.ceil(wait_s * 1000))}ms"
-                index, _ = self._client.kv.get(prefix, keys=True, index=since, wait=wait)
+                index, items = self._client.kv.get(prefix, recurse=True, index=since, wait=wait)
+        entries = sorted((_entry(i) for i in items or ()), key=lambda e: e.key)
         # An index of 0 would turn the next blocking query into a plain read.
-        return max(1, int(index))
+        return max(1, int(index)), entries
 
-    def _blocking(self, prefix: str, since: int, wait_s: float) -> Future[int]:
+    def _blocking(self, prefix: str, since: int, wait_s: float) -> Future[_Answer]:
         """The blocking query for ``prefix`` past ``since``: the one in flight, or a new
-        one on its own daemon thread (so a process can exit while queries wait)."""
+        one on its own daemon thread (so a process can exit while queries wait), which
+        waits for one of the store's watch connections first."""
         query = (prefix, since)
         with self._inflight_lock:
             future = self._inflight.get(query)
@@ -267,7 +298,8 @@ class ConsulStore(KVStore):
 
         def run() -> None:
             try:
-                future.set_result(self._index(prefix, since, wait_s))
+                with self._watch_slots:
+                    future.set_result(self._index(prefix, since, wait_s))
             except BaseException as exc:
                 future.set_exception(exc)
             finally:
@@ -279,28 +311,43 @@ class ConsulStore(KVStore):
         return future
 
     def wait(self, prefixes: Sequence[str], token: WatchToken | None, timeout: float) -> WatchToken:
+        return self.wait_entries(prefixes, token, timeout)[0]
+
+    def wait_entries(
+        self, prefixes: Sequence[str], token: WatchToken | None, timeout: float
+    ) -> tuple[WatchToken, WokenEntries]:
         for prefix in prefixes:
             self._check_key(prefix)
         if token is None or len(token) != len(prefixes) or timeout <= 0:
-            return tuple(self._index(p) for p in prefixes)
+            answers = [self._index(p) for p in prefixes]
+            return tuple(i for i, _ in answers), {
+                p: e for p, (_, e) in zip(prefixes, answers, strict=True)
+            }
         if not prefixes:
             time.sleep(timeout)
-            return ()
+            return (), {}
         deadline = time.monotonic() + timeout
         current = list(token)
+        woken: WokenEntries = {}
+        shared = len(prefixes) > self.watch_connections
         while (remaining := deadline - time.monotonic()) > 0:
+            wait_s = min(remaining, self.shared_wait_s) if shared else remaining
             futures = {
-                self._blocking(p, i, remaining): n
+                self._blocking(p, i, wait_s): n
                 for n, (p, i) in enumerate(zip(prefixes, token, strict=True))
             }
             done, _ = wait_futures(futures, timeout=remaining, return_when=FIRST_COMPLETED)
             for future in done:
+                n = futures[future]
+                index, entries = future.result()
                 # An index going backwards (a snapshot restore, tombstones reaped)
                 # counts as a change: the caller re-reads and carries the new index.
-                current[futures[future]] = future.result()
+                if index != token[n]:
+                    current[n] = index
+                    woken[prefixes[n]] = entries
             if current != list(token):
                 break
-        return tuple(current)
+        return tuple(current), woken
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -431,6 +478,10 @@ class ConsulStore(KVStore):
     def close(self) -> None:
         # Leases outlive the connection, as in every backend: they end on release or TTL.
         self._client.http.session.close()
+
+
+_Answer = tuple[int, list[Entry]]
+"""A prefix's index and its entries as of that index."""
 
 
 def _entry(item: dict[str, Any]) -> Entry:

@@ -29,7 +29,8 @@ from intent.model import (
     is_safe_name,
     parse,
 )
-from intent.store.kv import MUST_NOT_EXIST, ClosedByWith, KVStore, WatchToken
+from intent.store.kv import MUST_NOT_EXIST, ClosedByWith, Entry, KVStore
+from intent.store.node_watch import NodeWatch, Seen
 
 T = TypeVar("T")
 
@@ -75,6 +76,10 @@ class IntentStore(ClosedByWith):
     def __init__(self, kv: KVStore, prefix: str = keys.DEFAULT_PREFIX) -> None:
         self.kv = kv
         self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+        self._seen = Seen()
+        """What ``watch_node`` saw last: a node's passes read from it (see node_watch)."""
+        self._clusters_run: dict[str, tuple[str, ...]] = {}
+        """The cluster prefixes each watched node runs, as its watch last read them."""
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -93,19 +98,30 @@ class IntentStore(ClosedByWith):
 
     # -- intent ---------------------------------------------------------------------------
 
-    def _node_entries(self, node: str) -> dict[str, Versioned[bytes]]:
+    def _listing(self, prefix: str, fresh: bool) -> list[Entry]:
+        """Entries under ``prefix``: as this store's running node watch last saw them
+        when it covers the prefix (a change since has woken it already), unless ``fresh``."""
+        if not fresh and (seen := self._seen.get(prefix)) is not None:
+            return seen
+        return self.kv.list(prefix)
+
+    def _node_entries(self, node: str, fresh: bool = True) -> dict[str, Versioned[bytes]]:
         """Everything under ``nodes/<node>/``, keyed relative to it."""
         prefix = self._k(keys.node_apps(node))
-        return {e.key[len(prefix) :]: Versioned(e.value, e.version) for e in self.kv.list(prefix)}
+        return {
+            e.key[len(prefix) :]: Versioned(e.value, e.version)
+            for e in self._listing(prefix, fresh)
+        }
 
     def assignments(self, node: str) -> dict[str, Versioned[bytes]]:
         """The raw ``nodes/<node>/<app>`` values, keyed by app."""
         return {name: v for name, v in self._node_entries(node).items() if "/" not in name}
 
-    def apps_for_node(self, node: str) -> list[AppIntent]:
+    def apps_for_node(self, node: str, fresh: bool = True) -> list[AppIntent]:
         """Every app assigned to ``node``, each parsed on its own so one bad app
-        never hides the others."""
-        entries = self._node_entries(node)
+        never hides the others. ``fresh=False`` takes what this store's watch of the
+        node saw instead of reading it again (an agent's pass after a wake-up)."""
+        entries = self._node_entries(node, fresh)
         intents = []
         for app, raw in sorted(entries.items()):
             if "/" in app or not app:  # a retry or drain request, or a folder marker
@@ -124,18 +140,18 @@ class IntentStore(ClosedByWith):
             retry = entries.get(keys.retry(node, app).removeprefix(below))
             intents.append(
                 replace(
-                    self._app_intent_or_error(app, assignment.cluster),
+                    self._app_intent_or_error(app, assignment.cluster, fresh),
                     retry_token=_retry_token(retry.value) if retry else None,
                     drained=keys.drain(node, app).removeprefix(below) in entries,
                 )
             )
         return intents
 
-    def _app_intent_or_error(self, app: str, cluster: str) -> AppIntent:
+    def _app_intent_or_error(self, app: str, cluster: str, fresh: bool) -> AppIntent:
         """``app_intent``, with any failure other than the store's own turned into that
         app's error: whatever one app's values hold, the other apps are still read."""
         try:
-            return self.app_intent(app, cluster)
+            return self._app_intent(app, cluster, fresh)
         except StoreError:
             raise
         except Exception as exc:
@@ -143,8 +159,12 @@ class IntentStore(ClosedByWith):
             return AppIntent(app, cluster, error=f"{where}: cannot be read ({type(exc).__name__})")
 
     def app_intent(self, app: str, cluster: str) -> AppIntent:
+        return self._app_intent(app, cluster, fresh=True)
+
+    def _app_intent(self, app: str, cluster: str, fresh: bool) -> AppIntent:
         # One listing instead of two reads: a node's pass costs one request per app.
-        values = {e.key: e.value for e in self.kv.list(self._k(keys.cluster(app, cluster)))}
+        listing = self._listing(self._k(keys.cluster(app, cluster)), fresh)
+        values = {e.key: e.value for e in listing}
         errors: list[str] = []
         config = self._parse_value(AppConfig, keys.config(app, cluster), values, errors)
         deploy = self._parse_value(DeployConfig, keys.deploy_config(app, cluster), values, errors)
@@ -188,9 +208,59 @@ class IntentStore(ClosedByWith):
                 nodes[node] = "<invalid>"
         return nodes
 
-    def watch_node(self, node: str, token: WatchToken | None, timeout: float) -> WatchToken:
-        """Block until this node's assignments or any cluster's intent changed."""
-        return self.kv.wait([self._k(keys.node_apps(node)), self._k(keys.CLUSTERS)], token, timeout)
+    def watch_node(
+        self,
+        node: str,
+        token: NodeWatch | None,
+        timeout: float,
+        reports_of: Sequence[str] = (),
+    ) -> NodeWatch:
+        """Block until something this node's agents act on changed: its assignments
+        (retry and drain requests included), the intent of a cluster it runs, the
+        store's identity, or the reports on this node of an agent in ``reports_of``.
+        Nothing else wakes it, so a change to an app costs the nodes that do not run
+        it nothing. Until the next call fails, the node's passes may read what this
+        call saw (``apps_for_node(fresh=False)``)."""
+        prefixes = self._watch_set(node, reports_of)
+        marks = token.marks if token is not None and token.prefixes == prefixes else None
+        try:
+            new, woken = self.kv.wait_entries(prefixes, marks, timeout)
+        except BaseException:
+            self._seen.clear()
+            raise
+        self._seen.update(prefixes, woken)
+        if marks is None or new[0] != marks[0]:
+            # The assignments moved: the next call watches the clusters they name.
+            self._clusters_run[node] = self._clusters_assigned(node, woken.get(prefixes[0]))
+        return NodeWatch(prefixes, new)
+
+    def _watch_set(self, node: str, reports_of: Sequence[str]) -> tuple[str, ...]:
+        """The node's prefix first, then the identity, its clusters and the reports."""
+        if node not in self._clusters_run:
+            self._clusters_run[node] = self._clusters_assigned(node, None)
+        return (
+            self._k(keys.node_apps(node)),
+            self._k(keys.IDENTITY),
+            *self._clusters_run[node],
+            *(self._k(keys.reality(node, agent, "")) for agent in reports_of),
+        )
+
+    def _clusters_assigned(self, node: str, listing: list[Entry] | None) -> tuple[str, ...]:
+        """Prefixes of the clusters ``node``'s valid assignments name (read when the
+        watch did not bring them). An invalid assignment names none: fixing it moves
+        the node's prefix, which the watch covers."""
+        prefix = self._k(keys.node_apps(node))
+        clusters = set()
+        for entry in self.kv.list(prefix) if listing is None else listing:
+            app = entry.key[len(prefix) :]
+            if "/" in app or not is_safe_name(app):
+                continue
+            try:
+                cluster = parse(NodeAssignment, entry.value, entry.key).cluster
+            except IntentError:
+                continue
+            clusters.add(self._k(keys.cluster(app, cluster)))
+        return tuple(sorted(clusters))
 
     # -- reality --------------------------------------------------------------------------
 
@@ -231,18 +301,21 @@ class IntentStore(ClosedByWith):
 
     # -- trust ----------------------------------------------------------------------------
 
-    def identity(self) -> StoreIdentity | None:
+    def identity(self, fresh: bool = False) -> StoreIdentity | None:
         """This store's identity record, None when there is none; IntentError when it
-        cannot be read (agents then hold, as for a missing one they knew)."""
-        entry = self.kv.get(self._k(keys.IDENTITY))
-        if entry is None:
+        cannot be read (agents then hold, as for a missing one they knew). Unless
+        ``fresh``, as a running node watch last saw it (it covers the identity)."""
+        key = self._k(keys.IDENTITY)
+        seen = None if fresh else self._seen.get(key)
+        found = self.kv.get(key) if seen is None else next((e for e in seen if e.key == key), None)
+        if found is None:
             return None
-        return parse(StoreIdentity, entry.value, keys.IDENTITY)
+        return parse(StoreIdentity, found.value, keys.IDENTITY)
 
     def ensure_identity(self, actor: str) -> StoreIdentity:
         """The identity record, created first if the store has none (what ``pp init``
         and the first write ``pp`` makes do)."""
-        while (found := self.identity()) is None:
+        while (found := self.identity(fresh=True)) is None:
             new = StoreIdentity(id=uuid.uuid4().hex, created_by=actor)
             if self.kv.put(self._k(keys.IDENTITY), encode(new.model_dump()), MUST_NOT_EXIST):
                 return new

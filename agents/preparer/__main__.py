@@ -129,6 +129,20 @@ class ByteSize(click.ParamType[int, Any]):
     "them: a source too slow to finish by then (or one that stalls) is cut off and the "
     "version reported as failed, to be tried again later.",
 )
+@click.option(
+    "--docker-host",
+    default=None,
+    metavar="URL",
+    help="The Docker engine image versions are pulled into (default: DOCKER_HOST, else "
+    "the local socket). Registry credentials come from the Docker config "
+    "($DOCKER_CONFIG/config.json, ~/.docker/config.json).",
+)
+@click.option(
+    "--allowed-registries",
+    default=None,
+    metavar="HOST[:PORT],...",
+    help="Pull images only from these registries (default: any the intent names).",
+)
 def main(**params: Any) -> None:
     """Fetch, verify and install every version the intent names for this node."""
     common = entrypoint.pop_common(params)
@@ -155,13 +169,23 @@ def main(**params: Any) -> None:
         limits=Limits(params["max_install_bytes"], params["max_install_files"]),
         trusted_keys=trusted,
         allowed_sources=allowed,
+        allowed_registries=tuple(
+            r.strip() for r in (params["allowed_registries"] or "").split(",") if r.strip()
+        ),
     )
 
     state_dir = (params["state_dir"] or default_state_dir()).absolute()
 
     def build(store: IntentStore, stop: threading.Event) -> Preparer:
         return Preparer(
-            settings, repo, params["keep_old"], store, common.node, state_dir=state_dir, stop=stop
+            settings,
+            repo,
+            params["keep_old"],
+            store,
+            common.node,
+            state_dir=state_dir,
+            stop=stop,
+            docker_host=params["docker_host"],
         )
 
     max_parallel = entrypoint.pop_max_parallel(params)

@@ -25,13 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from docker import DockerClient
 
 from agents import metrics, statedir
-from agents.preparer import apply
+from agents.preparer import apply, image
 from agents.preparer.observe import observe
-from agents.preparer.plan import CleanStray, Install, Refuse, Remove, Wanted, plan
+from agents.preparer.plan import (
+    CleanStray,
+    ImageRules,
+    Install,
+    Refuse,
+    Remove,
+    Wanted,
+    plan,
+)
 from agents.runtime import Agent, Outcome
-from agents.system import file_url
+from agents.system import docker, file_url
 from agents.system.layout import AppLayout
 from intent.artifacts import artifact_url
 from intent.store import AppIntent, IntentStore, StoreError
@@ -56,6 +65,7 @@ class Preparer(Agent):
         clock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         stop: threading.Event | None = None,
+        docker_host: str | None = None,
     ) -> None:
         self.local_root = file_url.repo_root(repo)
         """Where ``file://`` artifacts may be read: beneath a local --repo, nowhere else."""
@@ -64,6 +74,9 @@ class Preparer(Agent):
             fetch=dataclasses.replace(settings.fetch, local_root=self.local_root, stop=stop),
         )
         self.stop = stop
+        self.docker_host = docker_host
+        """The Docker engine image versions are pulled into (None: the SDK's default)."""
+        self._wanted_images: set[str] = set()
         """Set when the agent stops: downloads in flight end within a second or so."""
         self.state_dir = state_dir if state_dir is not None else default_state_dir()
         """Root's own directory for the per-app locks (never one the apps can open)."""
@@ -94,6 +107,14 @@ class Preparer(Agent):
             if len(apps) > 1
             for app in apps
         }
+        # An image another app on this node wants is never garbage-collected with ours.
+        self._wanted_images = {
+            spec.image
+            for intent in intents.values()
+            if intent.config is not None
+            for spec in intent.config.versions.values()
+            if spec.image is not None
+        }
 
     def converge(self, intent: AppIntent) -> Outcome:
         assert intent.config is not None and intent.deploy is not None
@@ -121,6 +142,7 @@ class Preparer(Agent):
                 spec.digest,
                 spec.url or (artifact_url(self.repo, app, version) if self.repo else None),
                 spec.state == "active",
+                spec.image,
             )
             for version, spec in config.versions.items()
         ]
@@ -133,7 +155,13 @@ class Preparer(Agent):
                 return Outcome.failed(f"--state-dir {self.state_dir}: {exc.strerror}")
             if not ours:
                 return Outcome.converging(f"another pp-preparer is working on {app} (lock {lock})")
-            return self._converge_locked(app, active, layout, wanted, owner)
+            client = None
+            try:
+                if any(w.image for w in wanted) or image.has_image_installs(layout):
+                    client = held.enter_context(docker.engine(self.docker_host))
+                return self._converge_locked(app, active, layout, wanted, owner, client)
+            except docker.DockerError as exc:
+                return Outcome.failed(str(exc))
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         """Apps whose report is still in ``reality/`` though no longer assigned, so the
@@ -158,14 +186,16 @@ class Preparer(Agent):
         layout: AppLayout,
         wanted: list[Wanted],
         owner: tuple[int, int] | None,
+        client: DockerClient | None = None,
     ) -> Outcome:
         bound = log.bind(app=app)
         actions = plan(
             wanted,
-            observe(layout),
+            observe(layout, image.presence(client) if client is not None else None),
             self.keep_old,
             self.local_root,
             self.settings.allowed_sources,
+            ImageRules(self.settings.allowed_registries, bool(self.settings.trusted_keys)),
         )
         states = {w.version: "installed" for w in wanted}
         problems: list[str] = []
@@ -187,6 +217,11 @@ class Preparer(Agent):
                 except OSError as exc:
                     problems.append(f"cannot remove old install {action.version}: {exc}")
                     continue
+                if action.image is not None and client is not None:
+                    try:
+                        image.remove_unused(client, action.image, self._wanted_images, app)
+                    except docker.DockerError as exc:  # the install is gone; the image waits
+                        bound.warning("image.kept", image=action.image, error=str(exc))
                 bound.info("install.removed", version=action.version, reason=action.reason)
             elif isinstance(action, Refuse):
                 states[action.version] = f"error: {action.reason}"
@@ -194,7 +229,10 @@ class Preparer(Agent):
             else:
                 started = time.monotonic()
                 try:
-                    done = apply.install(layout, action, self.settings, owner)
+                    if action.image is not None and client is not None:
+                        done = image.install(layout, action, client)
+                    else:
+                        done = apply.install(layout, action, self.settings, owner)
                 except apply.ApplyError as exc:
                     if self.stop is not None and self.stop.is_set():
                         # No verdict on the artifact: the next start fetches it again.

@@ -54,6 +54,8 @@ class Settings:
     """When set, every artifact needs a detached signature by one of these keys."""
     allowed_sources: tuple[str, ...] = ()
     """When set, remote artifacts come only from under these URLs (plan.source_refusal)."""
+    allowed_registries: tuple[str, ...] = ()
+    """When set, images come only from these registries (plan.image_refusal)."""
 
 
 @dataclass(frozen=True)

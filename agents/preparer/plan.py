@@ -23,6 +23,8 @@ class Wanted:
     url: str | None
     """None when the version has no url and the preparer has no ``--repo``."""
     active: bool = False
+    image: str | None = None
+    """A Docker image pinned by digest (``sha256`` is its digest); ``url`` is then unused."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class Present:
     installed_at: float | None = None
     legacy: bool = False
     """Its marker predates the record of the artifact's services (``InstallMarker.legacy``)."""
+    image: str | None = None
+    """The image its marker names, for an image install."""
+    image_missing: bool = False
+    """An image install whose image the engine no longer holds (removed by hand)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class CleanStray:
 class Remove:
     version: str
     reason: str
+    image: str | None = None
+    """The install's image, removed from the engine too unless still wanted or in use."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class Install:
     in_place: bool = False
     """The install is complete and runs (``current``), but its marker predates the record
     of its services: verify the artifact again and rewrite only the marker."""
+    image: str | None = None
+    """Pull this image by digest instead of fetching ``url``."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ def plan(
     keep_old: int = 1,
     local_root: str | None = None,
     allowed_sources: Sequence[str] = (),
+    image_rules: ImageRules | None = None,
 ) -> list[Action]:
     """The actions that bring one app's installs in line with its intent.
 
@@ -137,6 +148,9 @@ def plan(
     for want in sorted(by_version.values(), key=lambda w: (not w.active, w.version)):
         present = observed.installs.get(want.version)
         complete = present is not None and present.sha256 == want.sha256
+        if want.image is not None:
+            actions.extend(_image(want, present, complete, image_rules or ImageRules()))
+            continue
         if complete and present is not None and not present.legacy:
             continue
         if want.url is None:
@@ -171,10 +185,49 @@ def _garbage(wanted: Mapping[str, Wanted], observed: Observed, keep_old: int) ->
     )
     kept = {p.version for p in candidates[: max(0, keep_old)]}
     return [
-        Remove(p.version, "incomplete" if p.sha256 is None else "no longer in the intent")
+        Remove(p.version, "incomplete" if p.sha256 is None else "no longer in the intent", p.image)
         for p in sorted(old, key=lambda p: p.version)
         if p.version not in kept
     ]
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What the preparer's options say about image versions."""
+
+    allowed_registries: tuple[str, ...] = ()
+    """When set, images are pulled only from these ``host[:port]`` registries."""
+    signatures_required: bool = False
+    """``--trusted-keys``: every artifact must be signed, and images carry no signature."""
+
+
+def image_refusal(image: str, rules: ImageRules) -> str | None:
+    """Why an image version is refused under the preparer's options, or None.
+
+    Images come from ``config``, which app owners write, and the engine connects to
+    whatever registry a reference names: ``--allowed-registries`` confines that to the
+    platform's own registries, as ``--allowed-sources`` confines tarball URLs."""
+    if rules.signatures_required:
+        return "pp-preparer requires signed artifacts (--trusted-keys) and images carry none"
+    host = image.split("/", 1)[0].lower()
+    allowed = rules.allowed_registries
+    if allowed and host not in {r.lower() for r in allowed}:
+        return f"registry {host} is not in --allowed-registries ({', '.join(allowed)})"
+    return None
+
+
+def _image(
+    want: Wanted, present: Present | None, complete: bool, rules: ImageRules
+) -> list[Action]:
+    """An image version: pulled again when its install is missing, names another digest,
+    or the engine lost its image. Its install holds only root's notes, so unlike a
+    tarball it may be replaced even while it runs (the engine holds what runs)."""
+    assert want.image is not None
+    if refusal := image_refusal(want.image, rules):
+        return [Refuse(want.version, refusal)]
+    if complete and present is not None and not present.image_missing:
+        return []
+    return [Install(want.version, want.sha256, "", present is not None, image=want.image)]
 
 
 def _running_mismatch(present: Present, want: Wanted) -> str:

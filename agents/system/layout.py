@@ -18,6 +18,10 @@ but not forge one: a marker counts only when it belongs to the agents' own user,
 nobody else may write it, and it names this app and version. It also records the
 services the verified artifact declares (``bin/launch``), so what the app adds to
 its install later never becomes a service supervised by root.
+
+An image version's install holds no files of the app: the image lives in the Docker
+engine, and the install, root's and never handed over, holds the marker (naming the
+image) and ``.pp-image``, the pinned reference the service's ``run`` reads.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.system.fs import read_small
+from intent.image_ref import parse_image
 
 MARKER_NAME = ".pp-installed.json"
+IMAGE_FILE = ".pp-image"
+"""In an image install: the pinned reference alone, one line, for the service's run script."""
 
 LaunchEntries = tuple[str | None, ...]
 """The services of an install: ``(None,)`` for a single ``bin/launch`` executable, the
@@ -77,6 +84,13 @@ class InstallMarker:
     preparer recorded them (see ``legacy``)."""
     launch_error: str | None = None
     """Why the artifact declares no usable service, when it does not."""
+    image: str | None = None
+    """The Docker image (``host/name@sha256:...``) the install stands for: the engine
+    holds the image, the install only these notes (root's, never handed to the app)."""
+
+    @classmethod
+    def of_image(cls, app: str, version: str, image: str, installed_at: float) -> InstallMarker:
+        return cls(parse_image(image).sha256, installed_at, app, version, (None,), None, image)
 
     @classmethod
     def of_artifact(
@@ -98,6 +112,8 @@ class InstallMarker:
             data |= {"app": self.app, "version": self.version, "launch": list(self.launch or ())}
             if self.launch_error is not None:
                 data["launch_error"] = self.launch_error
+            if self.image is not None:
+                data["image"] = self.image
         return json.dumps(data).encode()
 
     @classmethod
@@ -113,6 +129,9 @@ class InstallMarker:
             launch = tuple(data["launch"])
             error = data.get("launch_error")
             app, version = data["app"], data["version"]
+            image = data.get("image")
+            if image is not None and parse_image(image).sha256 != data["sha256"]:
+                raise ValueError("not an install marker: image and sha256 differ")
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not an install marker: {exc}") from exc
         if not all(e is None or (isinstance(e, str) and is_entry_name(e)) for e in launch):
@@ -121,7 +140,7 @@ class InstallMarker:
             raise ValueError("not an install marker: app and version must be strings")
         if error is not None and not isinstance(error, str):
             raise ValueError("not an install marker: launch_error must be a string")
-        return cls(marker.sha256, marker.installed_at, app, version, launch, error)
+        return cls(marker.sha256, marker.installed_at, app, version, launch, error, image)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Image versions: pull by digest into the Docker engine, and note the install on disk.
+
+The engine holds the image; ``installs/<app>_<version>/`` holds root's notes about it
+(the marker naming the image, and ``.pp-image`` for the service's ``run``), so setlive
+sees an image version installed exactly as it sees a tarball, by its marker. The
+notes are written into a private temp directory and renamed into place, like an
+extracted tarball: under its final name an install is whole or absent. They stay
+root's (nothing in them is the app's to change), so an image install may be
+replaced even while its version runs.
+
+Garbage collection removes an image with its install, unless another app on the
+node still wants the same image or a container (running or stopped) was made from
+it: the engine keeps it then, and the log says which container.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection
+
+import docker as docker_sdk
+import structlog
+
+from agents.preparer.apply import ApplyError, Installed, fsync_directory, remove_tree
+from agents.preparer.plan import Install
+from agents.system import docker, fs
+from agents.system.fs import temp_name
+from agents.system.layout import IMAGE_FILE, MARKER_NAME, AppLayout, InstallMarker
+from intent.image_ref import parse_image
+
+log = structlog.get_logger()
+
+
+def install(layout: AppLayout, action: Install, client: docker_sdk.DockerClient) -> Installed:
+    """Pull ``action.image`` and put its install in place."""
+    assert action.image is not None
+    ref = parse_image(action.image)
+    try:
+        docker.pull(client, ref)
+    except docker.DockerError as exc:
+        raise ApplyError(str(exc)) from exc
+    final = layout.install_dir(action.version)
+    workdir = temp_name(final)
+    trash = None
+    marker = InstallMarker.of_image(layout.app, action.version, str(ref), time.time())
+    try:
+        workdir.mkdir(mode=0o700)
+        with fs.open_dir(workdir) as fd:
+            fs.write_in(fd, IMAGE_FILE, f"{ref}\n".encode())
+            fs.write_in(fd, MARKER_NAME, marker.to_bytes())
+            os.fchmod(fd, 0o755)
+            os.fsync(fd)
+        if action.replace and final.exists():
+            trash = temp_name(final)
+            os.rename(final, trash)
+        os.rename(workdir, final)
+        fsync_directory(layout.installs)
+    except OSError as exc:
+        raise ApplyError(f"{exc.filename or final}: {exc.strerror or exc}") from exc
+    finally:
+        for leftover in (workdir, trash):
+            if leftover is not None:
+                remove_tree(leftover)
+    return Installed(action.version, 0, 0, 0, None)
+
+
+def remove_unused(
+    client: docker_sdk.DockerClient, image: str, wanted: Collection[str], app: str
+) -> None:
+    """Remove ``image`` from the engine after its install went, unless ``wanted`` on this
+    node (another app's version may name the same image) or a container uses it."""
+    if image in wanted:
+        log.info("image.kept", app=app, image=image, reason="another version wants it")
+        return
+    try:
+        removed = docker.remove(client, parse_image(image))
+    except docker.ImageInUse as exc:
+        log.info("image.kept", app=app, image=image, reason=str(exc))
+        return
+    if removed:
+        log.info("image.removed", app=app, image=image)
+
+
+def presence(client: docker_sdk.DockerClient) -> Callable[[str], bool]:
+    """Whether the engine holds an image, for ``observe`` (one inspect per image)."""
+
+    def present(image: str) -> bool:
+        return docker.image_id_of(client, parse_image(image)) is not None
+
+    return present
+
+
+def has_image_installs(layout: AppLayout) -> bool:
+    """Whether any install of the app stands for an image (so the engine is needed)."""
+    return any(
+        (marker := layout.read_marker(version)) is not None and marker.image is not None
+        for version in layout.installed_versions()
+    )

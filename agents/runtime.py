@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -60,6 +60,12 @@ class Outcome:
     version: str | None = None
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    recheck_after_s: float | None = None
+    """Converge the app again after this long even though nothing it watches changed
+    (a registered app's health, a request that expires); None: on the next change."""
+
+    def recheck_after(self, seconds: float) -> Outcome:
+        return replace(self, recheck_after_s=seconds)
 
     @classmethod
     def converged(cls, version: str | None = None, **details: Any) -> Outcome:
@@ -87,6 +93,11 @@ class Agent(abc.ABC):
     name: ClassVar[str]
 
     _progress_sink: Callable[[str, Outcome], None] | None = None
+
+    watched_reports: ClassVar[tuple[str, ...]] = ()
+    """Other agents whose reports on this node are part of this agent's input (the
+    load balancer registrar reads setlive's drain requests). The runtime watches
+    them too, and converges an app again when ``report_input`` of its report changes."""
 
     converges_in_background: ClassVar[bool] = False
     """Converge apps on worker threads that run on across passes, so one app's slow
@@ -118,6 +129,11 @@ class Agent(abc.ABC):
     def converge(self, intent: AppIntent) -> Outcome:
         """Make this host match one app's valid intent. Must be idempotent, and should
         end its current step soon after the stop event it was given is set."""
+
+    def report_input(self, report: Reality) -> object:
+        """The part of a watched agent's report this agent acts on (compared with ``==``):
+        a report rewritten with the same input (a heartbeat) converges nothing."""
+        return report.details
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         """Apps this agent finds on the host that are not in ``assigned``."""
@@ -218,6 +234,8 @@ class Runtime:
         self._held: str | None = None
         """Why the agent holds (agents/trust.py), or None while it acts on the store."""
         self._status_written: tuple[AgentState, str | None] | None = None
+        self._report_inputs: dict[tuple[str, str], object] = {}
+        """What ``report_input`` last gave for each watched agent's report of an app."""
 
     # -- one pass -------------------------------------------------------------------------
 
@@ -251,6 +269,7 @@ class Runtime:
         except Exception:  # the per-app steps still run and report what they can
             self.log.exception("pass.crashed")
             pass_ok = False
+        changed += self._watched_reports_changed(effective)
         for app in effective if force else changed:
             self._queue.add(app)
         if drain:
@@ -272,7 +291,10 @@ class Runtime:
                 intent.error is None
                 and state.outcome is not None
                 and state.outcome.status == "converged"
-                and not self._queue.pending(intent.app)
+                # A re-check it asked for is not work left to do: it is how it stays so.
+                and (
+                    state.outcome.recheck_after_s is not None or not self._queue.pending(intent.app)
+                )
             )
 
         # An app converging in the background is not removed under its converge.
@@ -300,6 +322,24 @@ class Runtime:
                 metrics.app_gone(self.agent.name, gone)
                 self._queue.discard(gone)
         return effective, changed
+
+    def _watched_reports_changed(self, effective: Mapping[str, AppIntent]) -> list[str]:
+        """Assigned apps whose input from the agents in ``watched_reports`` changed since
+        the last pass looked (a report not read for a store error is looked at next time)."""
+        changed = []
+        for agent in self.agent.watched_reports:
+            try:
+                reports = self.store.reality_of(self.options.node, agent)
+            except StoreError as exc:
+                self._store_state(False, exc)
+                continue
+            for app in effective:
+                report = reports.get(app)
+                now = None if report is None else self.agent.report_input(report)
+                if self._report_inputs.get((agent, app)) != now:
+                    self._report_inputs[(agent, app)] = now
+                    changed.append(app)
+        return changed
 
     def _state(self, app: str) -> _AppState | None:
         with self._apps_lock:
@@ -345,6 +385,8 @@ class Runtime:
                 waits = state.waits
             if outcome.status == "converged":
                 self._queue.forget(app)
+                if outcome.recheck_after_s is not None:
+                    self._queue.add_after(app, outcome.recheck_after_s)
             elif outcome.status == "converging":
                 self._queue.add_after(app, self._recheck(waits))
             else:
@@ -666,7 +708,10 @@ class Runtime:
             try:
                 # After a failure, an immediate read: the store's return is news itself.
                 new = self.store.watch_node(
-                    self.options.node, None if failures else token, self.options.watch_timeout_s
+                    self.options.node,
+                    None if failures else token,
+                    self.options.watch_timeout_s,
+                    reports_of=self.agent.watched_reports,
                 )
             except StoreUnavailable as exc:
                 self._store_state(False, exc)  # news even while the loop is idle

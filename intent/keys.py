@@ -58,6 +58,11 @@ def reality(node: str, agent: str, app: str) -> str:
     return f"{REALITY}{node}/{agent}/{app}"
 
 
+def reality_of(node: str, agent: str) -> str:
+    """Prefix listing one agent's reports on one node."""
+    return f"{REALITY}{node}/{agent}/"
+
+
 def audit_prefix(app: str) -> str:
     return f"{AUDIT}{app}/"
 

@@ -287,6 +287,17 @@ class IntentStore(ClosedByWith):
     def clear_reality(self, node: str, agent: str, app: str) -> None:
         self.kv.delete(self._k(keys.reality(node, agent, app)))
 
+    def reality_of(self, node: str, agent: str) -> dict[str, Reality]:
+        """One agent's reports on one node, by app; reports that do not parse are skipped."""
+        prefix = self._k(keys.reality_of(node, agent))
+        found = {}
+        for entry in self.kv.list(prefix):
+            try:
+                found[entry.key[len(prefix) :]] = Reality.model_validate_json(entry.value)
+            except ValueError:
+                continue
+        return found
+
     def reality(self, node: str | None = None, app: str | None = None) -> list[Reality]:
         prefix = self._k(keys.REALITY + (f"{node}/" if node else ""))
         reports = []

@@ -19,9 +19,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from intent.model import HealthCheck
+from agents.system.layout import AppLayout, LaunchEntries
+from intent.model import DeployConfig, HealthCheck
+
+ENV_DIR = "env"
+"""The env dir in a service directory setlive stages: exec checks run with the app's
+environment, as its services do."""
 
 OUTPUT_LIMIT = 300
 """Characters of check output kept for reports: enough to act on, small in the store."""
@@ -118,6 +124,45 @@ def build_check(
     if spec.type == "http":
         return lambda: http_check(host, port, spec.path, spec.timeout_s)
     return lambda: tcp_check(host, port, spec.timeout_s)
+
+
+def app_check(
+    deploy: DeployConfig,
+    layout: AppLayout,
+    version: str,
+    stage: Path,
+    staged: LaunchEntries = (),
+) -> Check | None:
+    """The app's ``deploy_config.health_check`` against one installed ``version``; None
+    when it declares none. The one definition setlive's gate and the load balancer
+    registrar both run, so "healthy" means the same to both.
+
+    An exec check runs the install's ``bin/check`` as ``run_as`` with the env dir of
+    the app's first service in setlive's ``stage`` (the services the install's
+    marker declares; ``staged``, the entries already staged, for a marker that
+    predates that record). ValueError names what an http or tcp check lacks."""
+    spec = deploy.health_check
+    if spec is None:
+        return None
+    port = spec.port if spec.port is not None else (deploy.ports[0].port if deploy.ports else None)
+    if spec.type != "exec" and port is None:
+        raise ValueError(
+            "deploy_config.health_check.port: not set, and deploy_config.ports is empty"
+        )
+    marker = layout.read_marker(version)
+    entries = marker.launch if marker is not None and marker.launch is not None else staged
+    first = entries[0] if entries else None
+    service = layout.app if first is None else f"{layout.app}-{first}"
+    argv = [
+        "chpst",
+        "-u",
+        deploy.run_as,
+        "-e",
+        str(stage / service / ENV_DIR),
+        str(layout.install_dir(version) / "bin" / "check"),
+    ]
+    env = check_env() | {"PP_VERSION": version}
+    return build_check(spec, host="127.0.0.1", port=port, exec_argv=argv, exec_env=env)
 
 
 # -- the gate --------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ from intent.store import IntentStore
 
 REGION = "us-east-1"
 CLUSTER = "prod"
-FAST = Settings(inservice_timeout_s=3.0, drain_timeout_s=3.0, poll_interval_s=0.05)
+FAST = Settings(
+    inservice_timeout_s=3.0, drain_timeout_s=3.0, poll_interval_s=0.05, describe_every_s=0.0
+)
 FAST_HTTP = {
     "type": "http",
     "interval_s": 0.05,

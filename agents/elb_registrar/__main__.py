@@ -68,6 +68,20 @@ def _instance_id(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Seconds between looks at a load balancer while waiting (plus up to 20% jitter).",
 )
 @click.option(
+    "--health-recheck",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between health checks of a registered app (at least its interval_s).",
+)
+@click.option(
+    "--describe-every",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="A health re-check that changes nothing asks AWS again only after this long.",
+)
+@click.option(
     "--peer-freshness",
     type=click.FloatRange(min=1),
     default=180.0,
@@ -95,6 +109,8 @@ def main(**params: Any) -> None:
         inservice_timeout_s=params["inservice_timeout"],
         drain_timeout_s=params["drain_timeout"],
         poll_interval_s=params["poll_interval"],
+        health_recheck_s=params["health_recheck"],
+        describe_every_s=params["describe_every"],
     )
 
     def build(store: IntentStore, stop: threading.Event) -> ElbRegistrar:

@@ -100,6 +100,8 @@ class _Tracked:
 class ElbRegistrar(Agent):
     name: ClassVar[str] = AGENT
     converges_in_background = True  # waiting for InService or a drain takes minutes
+    watched_reports: ClassVar[tuple[str, ...]] = ("setlive",)
+    """setlive asks for a drain in its report before it stops or restarts an app."""
 
     def __init__(
         self,
@@ -131,11 +133,28 @@ class ElbRegistrar(Agent):
         self._owned: set[str] = set()
         """Load balancers whose ownership tags this agent has read (and found fine)."""
         self._seen: dict[str, dict[str, Seen]] = {}
+        self._described_at: dict[str, float] = {}
+        """When AWS was last asked about each app (monotonic)."""
         self._transitions: dict[str, dict[str, tuple[str, float]]] = {}
 
     # -- the runtime's hooks ----------------------------------------------------------------
 
+    def report_input(self, report: Reality) -> object:
+        return report.details.get("drain_request")
+
     def converge(self, intent: AppIntent) -> Outcome:
+        """One app's pass, and when to look again though nothing changes: a live drain
+        request when it expires, a registered app's health every ``health_recheck_s``."""
+        request = self._drain_request(intent.app)
+        outcome = self._converge(intent, request)
+        if request is not None:
+            return outcome.recheck_after(max(0.0, request.until - time.time()))
+        spec = intent.deploy.health_check if intent.deploy is not None else None
+        if outcome.details.get("want") == "in" and spec is not None:
+            return outcome.recheck_after(max(spec.interval_s, self.settings.health_recheck_s))
+        return outcome
+
+    def _converge(self, intent: AppIntent, request: observe.DrainRequest | None) -> Outcome:
         assert intent.config is not None and intent.deploy is not None and intent.cluster
         app, deploy, cluster = intent.app, intent.deploy, intent.cluster
         try:
@@ -151,12 +170,12 @@ class ElbRegistrar(Agent):
             active=intent.config.active_version,
             current=current,
             drained=intent.drained,
-            drain_token=self._drain_token(app),
+            drain_token=request.token if request is not None else None,
         )
         if wanted and current is not None and current == local.active and not _out(local):
             # The check decides only when nothing else does, and only on the active version.
             try:
-                check = observe.app_check(deploy, layout, current, self.stage)
+                check = health.app_check(deploy, layout, current, self.stage)
             except ValueError as exc:
                 return Outcome.failed(str(exc), current)
             registered_before = any(key in recorded for key in wanted)
@@ -171,6 +190,11 @@ class ElbRegistrar(Agent):
             lbs = [self._lb_report(app, lb, "hold", last[k], recorded) for k, lb in wanted.items()]
             details = self._details(app, cluster, lbs, local, want, _in_service(wanted, last))
             return Outcome.converging(want.reason, current, **details)
+        if want.direction == "in" and not stale and self._in_service_lately(app, wanted):
+            # A re-check that changes nothing here: AWS said in service moments ago.
+            last = {key: self._last_seen(app, key) for key in wanted}
+            lbs = [self._lb_report(app, lb, "in", last[k], recorded) for k, lb in wanted.items()]
+            return Outcome.converged(current, **self._details(app, cluster, lbs, local, want, True))
         try:
             instance = self.identity()
         except ImdsError as exc:
@@ -204,6 +228,7 @@ class ElbRegistrar(Agent):
         with self._lock:
             self._trackers.pop(app, None)
             self._seen.pop(app, None)
+            self._described_at.pop(app, None)
             self._transitions.pop(app, None)
         return Outcome.converged()
 
@@ -221,6 +246,8 @@ class ElbRegistrar(Agent):
         everything = {**{k: r.lb for k, r in recorded.items()}, **desired_lbs(desired.lbs)}
         observable = {k: lb for k, lb in everything.items() if target_of(desired, k) != "hold"}
         seen = observe.describe(self.aws, observable, instance)
+        with self._lock:
+            self._described_at[app] = time.monotonic()
         for key, lb in observable.items():
             target, found = target_of(desired, key), seen[key]
             if needs_tags(target, found.phase, key in self._owned):
@@ -341,12 +368,22 @@ class ElbRegistrar(Agent):
             return f"{kept}: the store cannot say how many nodes are in service ({exc})"
         return None
 
-    def _drain_token(self, app: str) -> str | None:
+    def _drain_request(self, app: str) -> observe.DrainRequest | None:
         try:
             raw = self.store.get_raw(keys.reality(self.node, "setlive", app))
         except StoreError:
             return None
-        return observe.drain_token(raw.value if raw is not None else None, time.time())
+        return observe.drain_request(raw.value if raw is not None else None, time.time())
+
+    def _in_service_lately(self, app: str, wanted: Mapping[str, LoadBalancer]) -> bool:
+        """Whether AWS said, less than ``describe_every_s`` ago, that this instance is in
+        service in every load balancer ``wanted`` names."""
+        with self._lock:
+            at = self._described_at.get(app)
+            seen = dict(self._seen.get(app, {}))
+        if at is None or time.monotonic() - at >= self.settings.describe_every_s:
+            return False
+        return _in_service(wanted, seen)
 
     def _context(self, app: str, instance: str) -> Context:
         return Context(app, self.aws, instance, self.state, self.stop, self.settings)

@@ -52,6 +52,12 @@ class Settings:
     inservice_timeout_s: float = 300.0
     drain_timeout_s: float = 330.0
     poll_interval_s: float = 10.0
+    health_recheck_s: float = 5.0
+    """A registered app's health check runs again this often (at least its
+    ``interval_s``), so an app that turns unhealthy is taken out between resyncs."""
+    describe_every_s: float = 30.0
+    """A re-check that finds the app still healthy asks AWS again only this long after
+    the last look: health re-checks of a fleet must not throttle the account."""
 
 
 @dataclass

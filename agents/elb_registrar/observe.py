@@ -9,18 +9,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from agents import health
 from agents.elb_registrar.plan import Health, LoadBalancer, Phase, Seen, lb_key, lb_label
 from agents.system.aws import Aws, AwsError, NotFound, TargetHealth
-from agents.system.layout import AppLayout
-from intent.model import ClassicElb, DeployConfig, HealthCheck, TargetGroup
-
-ENV_DIR = "env"
-"""The env dir in setlive's staged service directory: exec checks run with the app's
-environment, as setlive runs them."""
+from intent.model import ClassicElb, HealthCheck, TargetGroup
 
 _DRAINING = "deregistration currently in progress"
 _NOT_REGISTERED = "not currently registered"
@@ -110,8 +104,14 @@ def _seen(lb: LoadBalancer, found: TargetHealth | None) -> Seen:
 # -- the host ---------------------------------------------------------------------------------
 
 
-def drain_token(raw: bytes | None, now: float) -> str | None:
-    """The token of a live drain request in setlive's report (``details.drain_request``:
+@dataclass(frozen=True)
+class DrainRequest:
+    token: str
+    until: float
+
+
+def drain_request(raw: bytes | None, now: float) -> DrainRequest | None:
+    """A live drain request in setlive's report (``details.drain_request``:
     ``{"token", "at", "until"}``); a request past its ``until`` is ignored, so a
     setlive that died mid-switch cannot keep the node out for ever."""
     if raw is None:
@@ -122,35 +122,15 @@ def drain_token(raw: bytes | None, now: float) -> str | None:
         token, until = request["token"], float(request["until"])
     except (ValueError, TypeError, KeyError):
         return None
-    return token if isinstance(token, str) and token and now < until else None
-
-
-def app_check(
-    deploy: DeployConfig, layout: AppLayout, version: str, stage: Path
-) -> health.Check | None:
-    """The app's ``deploy_config.health_check`` against ``version``, built as setlive
-    builds it; None without one. ValueError names what the check lacks."""
-    spec = deploy.health_check
-    if spec is None:
+    if not isinstance(token, str) or not token or now >= until:
         return None
-    port = spec.port if spec.port is not None else (deploy.ports[0].port if deploy.ports else None)
-    if spec.type != "exec" and port is None:
-        raise ValueError(
-            "deploy_config.health_check.port: not set, and deploy_config.ports is empty"
-        )
-    marker = layout.read_marker(version)
-    first = marker.launch[0] if marker is not None and marker.launch else None
-    service = layout.app if first is None else f"{layout.app}-{first}"
-    argv = [
-        "chpst",
-        "-u",
-        deploy.run_as,
-        "-e",
-        str(stage / service / ENV_DIR),
-        str(layout.install_dir(version) / "bin" / "check"),
-    ]
-    env = health.check_env() | {"PP_VERSION": version}
-    return health.build_check(spec, host="127.0.0.1", port=port, exec_argv=argv, exec_env=env)
+    return DrainRequest(token, until)
+
+
+def drain_token(raw: bytes | None, now: float) -> str | None:
+    """The token of a live drain request (see ``drain_request``)."""
+    request = drain_request(raw, now)
+    return request.token if request is not None else None
 
 
 def local_health(

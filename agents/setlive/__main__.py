@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from agents import entrypoint
-from agents.setlive.agent import SetliveAgent
+from agents.setlive.agent import DRAIN_WAIT_S, SetliveAgent
 from agents.setlive.observe import Paths
 from intent.store import IntentStore
 
@@ -98,6 +98,14 @@ def _lock(state_dir: Path) -> int:
     help="When setlive deploys itself: seconds its guard waits for the new setlive "
     "before rolling back [default: 2 x the gate's deadline_s + 37].",
 )
+@click.option(
+    "--drain-wait",
+    type=click.FloatRange(min=0),
+    default=DRAIN_WAIT_S,
+    show_default=True,
+    help="For an app behind load balancers (deploy_config.elb): seconds to wait for "
+    "pp-elb-registrar to drain the node before stopping or restarting it; then it goes on.",
+)
 def main(**params: Any) -> None:
     """Swap runit services to each app's active version, health-gated, with rollback."""
     common = entrypoint.pop_common(params)
@@ -119,6 +127,7 @@ def main(**params: Any) -> None:
             health_freshness_s=params["health_freshness"],
             stop=stop,
             guard_deadline_s=params["guard_deadline"],
+            drain_wait_s=params["drain_wait"],
         )
 
     max_parallel = entrypoint.pop_max_parallel(params)

@@ -23,18 +23,24 @@ from agents.setlive.observe import (
     staged_entries,
     staged_services,
 )
-from agents.setlive.plan import AwaitHealth, Desired, Observed, Plan, plan
-from agents.setlive.services import ENV_DIR
+from agents.setlive.plan import AwaitHealth, Desired, DrainBounds, Observed, Plan, plan
 from agents.setlive.state import AppState, Failure, StateDir
 from agents.system import fs, runit
 from agents.system.layout import AppLayout
-from intent.model import DeployConfig
-from intent.store import AppIntent, IntentStore
+from intent import keys
+from intent.model import DeployConfig, Reality
+from intent.store import AppIntent, IntentStore, StoreError
 
 log = structlog.get_logger()
 
 MAX_ROUNDS = 3
 """observe-plan-apply rounds per converge: the deploy, then at most a rollback."""
+DRAIN_WAIT_S = 360.0
+"""How long setlive waits for pp-elb-registrar to drain a load-balanced app before a
+restart: the registrar's own --drain-timeout (330 s, above AWS's default
+deregistration delay of 300 s) and a margin for its pass."""
+DRAIN_HOLD_MARGIN_S = 60.0
+REGISTRAR = "elb-registrar"
 
 
 class SetliveAgent(Agent):
@@ -52,6 +58,7 @@ class SetliveAgent(Agent):
         health_freshness_s: float = 180.0,
         stop: threading.Event | None = None,
         guard_deadline_s: float | None = None,
+        drain_wait_s: float = DRAIN_WAIT_S,
     ) -> None:
         self.store = store
         self.node = node
@@ -62,6 +69,7 @@ class SetliveAgent(Agent):
         self.health_freshness_s = health_freshness_s
         self.stop = stop
         self.guard_deadline_s = guard_deadline_s
+        self.drain_wait_s = drain_wait_s
         self._trackers: dict[str, health.HealthTracker] = {}
 
     # -- runtime hooks ----------------------------------------------------------------------
@@ -97,9 +105,13 @@ class SetliveAgent(Agent):
         if problem:
             return Outcome.failed(problem)
         ctx = self._context(intent)
+        bounds = self._drain_bounds(intent.deploy)
         for _ in range(MAX_ROUNDS):
             notes = self.state.load(intent.app)
-            desired, observed = observe(intent, ctx.layout, self.paths, notes, ctx.check)
+            drained_for = self._drained_for(intent.app) if notes.drain is not None else None
+            desired, observed = observe(
+                intent, ctx.layout, self.paths, notes, ctx.check, bounds, drained_for
+            )
             the_plan = plan(desired, observed)
             result = apply(the_plan, ctx)
             gate, verdict = result.gate, result.verdict
@@ -130,7 +142,10 @@ class SetliveAgent(Agent):
             return self._check(intent, layout, version)
 
         def progress(reason: str, version: str | None) -> None:
-            self.report_progress(intent.app, Outcome.converging(reason, version, health="unknown"))
+            drain = self._drain_details(self.state.load(intent.app))
+            self.report_progress(
+                intent.app, Outcome.converging(reason, version, health="unknown", **drain)
+            )
 
         return ApplyContext(
             app=intent.app,
@@ -152,24 +167,32 @@ class SetliveAgent(Agent):
         )
 
     def _check(self, intent: AppIntent, layout: AppLayout, version: str) -> health.Check | None:
-        deploy = intent.deploy
-        assert deploy is not None
-        hc = deploy.health_check
-        if hc is None:
-            return None
-        port = hc.port if hc.port is not None else (deploy.ports[0].port if deploy.ports else None)
-        first = _first_service(intent, layout, version, self.paths.stage)
-        env_dir = self.paths.stage / first / ENV_DIR
-        argv = [
-            "chpst",
-            "-u",
-            deploy.run_as,
-            "-e",
-            str(env_dir),
-            str(layout.install_dir(version) / "bin" / "check"),
-        ]
-        env = health.check_env() | {"PP_VERSION": version}
-        return health.build_check(hc, host="127.0.0.1", port=port, exec_argv=argv, exec_env=env)
+        assert intent.deploy is not None
+        staged = staged_entries(self.paths.stage, intent.app)
+        return health.app_check(intent.deploy, layout, version, self.paths.stage, staged)
+
+    # -- the drain before a restart ---------------------------------------------------------
+
+    def _drain_bounds(self, deploy: DeployConfig) -> DrainBounds:
+        """The wait for the registrar, and how long the request then holds the node out:
+        the switch, its gate and a rollback's gate."""
+        gate_s = (deploy.health_check or DEFAULT_HEALTH_CHECK).deadline_s
+        hold_s = 2 * (gate_s + self.supervise_timeout_s) + DRAIN_HOLD_MARGIN_S
+        return DrainBounds(self.drain_wait_s, hold_s)
+
+    def _drained_for(self, app: str) -> str | None:
+        """The drain request pp-elb-registrar last acknowledged for ``app`` on this node."""
+        try:
+            raw = self.store.get_raw(keys.reality(self.node, REGISTRAR, app))
+            report = Reality.model_validate_json(raw.value) if raw is not None else None
+        except (StoreError, ValueError):
+            return None  # no answer read is no answer: the deadline still bounds the wait
+        token = report.details.get("drained_for") if report is not None else None
+        return token if isinstance(token, str) else None
+
+    @staticmethod
+    def _drain_details(state: AppState) -> dict[str, Any]:
+        return {"drain_request": state.drain.request()} if state.drain is not None else {}
 
     # -- failure and reports ----------------------------------------------------------------
 
@@ -218,6 +241,10 @@ class SetliveAgent(Agent):
         }
         if the_plan.rolled_back_from:
             details["rolled_back_from"] = the_plan.rolled_back_from
+        details |= self._drain_details(state)
+        if the_plan.undrained:
+            details["undrained"] = the_plan.undrained
+            log.warning("setlive.undrained", app=app, reason=the_plan.undrained)
 
         if result.error or result.wait:
             # Stopped part-way: what current points at now is what runs (or will).
@@ -256,16 +283,6 @@ class SetliveAgent(Agent):
         if the_plan.wait:
             return Outcome.converging(the_plan.wait, version, **details)
         return Outcome.converged(version, **details)
-
-
-def _first_service(intent: AppIntent, layout: AppLayout, version: str, stage: Path) -> str:
-    """The service whose env dir the health check runs with."""
-    marker = layout.read_marker(version)
-    entries = marker.launch if marker is not None else None
-    if entries is None:
-        entries = staged_entries(stage, intent.app)
-    first = entries[0] if entries else None
-    return intent.app if first is None else f"{intent.app}-{first}"
 
 
 def _runit_detail(status: runit.ServiceStatus) -> dict[str, Any]:

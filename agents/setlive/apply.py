@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,12 +35,15 @@ from agents.setlive.observe import Paths
 from agents.setlive.plan import (
     AcquireLease,
     Action,
+    AwaitDrain,
     AwaitHealth,
     AwaitSupervised,
+    ClearDrain,
     ClearFailure,
     ClearPending,
     LinkService,
     Plan,
+    RequestDrain,
     RestartService,
     RetireService,
     SavePending,
@@ -54,7 +58,7 @@ from agents.setlive.plan import (
     lease_limit,
 )
 from agents.setlive.services import ENV_DIR, ServiceSpec
-from agents.setlive.state import Pending, StateDir
+from agents.setlive.state import Drain, Pending, StateDir
 from agents.system import fs, runit
 from agents.system.layout import AppLayout
 from intent.model import HealthCheck
@@ -199,6 +203,27 @@ def _step(
         case AcquireLease(min_nodes=min_nodes):
             result.wait = lease.acquire(min_nodes)
             return result.wait is not None
+        case RequestDrain(bounds=bounds):
+            now = time.time()
+            token = secrets.token_hex(8)
+            drain = Drain(token, now, now + bounds.wait_s, now + bounds.wait_s + bounds.hold_s)
+            ctx.state.update(ctx.app, drain=drain)
+            log.info("setlive.drain_requested", app=ctx.app, token=token, wait_s=bounds.wait_s)
+            result.wait = (
+                f"asked pp-elb-registrar to take {ctx.app} out of its load balancers "
+                f"(waiting up to {bounds.wait_s:g}s)"
+            )
+            return True
+        case AwaitDrain(token=token):
+            noted = ctx.state.load(ctx.app).drain
+            left = max(0.0, noted.wait_until - time.time()) if noted is not None else 0.0
+            result.wait = (
+                f"waiting for pp-elb-registrar to drain {ctx.app} from its load balancers "
+                f"(request {token}; going on without it in {left:.0f}s)"
+            )
+            return True
+        case ClearDrain():
+            ctx.state.update(ctx.app, drain=None)
         case RetireService(name=name):
             retire(ctx.paths, name, ctx.supervise_timeout_s)
         case StageService(spec=spec, new=new):

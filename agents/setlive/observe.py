@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from agents import health
-from agents.setlive.plan import Desired, Observed, ServiceObs, VersionInfo, fingerprint
+from agents.setlive.plan import (
+    Desired,
+    DrainBounds,
+    DrainSeen,
+    Observed,
+    ServiceObs,
+    VersionInfo,
+    fingerprint,
+)
 from agents.setlive.services import (
     CONFIG_FILE,
     DIGEST_VAR,
@@ -180,8 +189,13 @@ def observe(
     paths: Paths,
     notes: AppState,
     check: Callable[[str], health.Check | None],
+    drain: DrainBounds | None = None,
+    drained_for: str | None = None,
 ) -> tuple[Desired, Observed]:
     """What should run for ``intent`` and what the host runs now, for ``plan``.
+
+    ``drain``: how long a drain may take, for an app behind load balancers;
+    ``drained_for``: the drain request pp-elb-registrar last acknowledged.
 
     The app's health is checked here when all its services are up, so the planner
     knows whether a restart would take a healthy node away (``min_nodes``), and the
@@ -195,6 +209,7 @@ def observe(
         version=active,
         fingerprint=fingerprint(active, sha, deploy, config.user_config),
         min_nodes=config.min_nodes,
+        drain=drain if deploy.elb else None,
     )
     current = layout.version_of(layout.current)
     previous = layout.version_of(layout.previous)
@@ -244,8 +259,19 @@ def observe(
         health_output=probe.output if probe is not None else None,
         self_service=self_service(intent.app, services),
         last_good=notes.last_good,
+        drain=drain_seen(notes, drained_for, time.time()),
     )
     return desired, observed
+
+
+def drain_seen(notes: AppState, drained_for: str | None, now: float) -> DrainSeen | None:
+    """setlive's drain request, if it made one, and whether it was answered in time."""
+    if notes.drain is None:
+        return None
+    token = notes.drain.token
+    return DrainSeen(
+        token, acknowledged=drained_for == token, expired=now >= notes.drain.wait_until
+    )
 
 
 def launch_entries(

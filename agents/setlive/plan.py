@@ -6,7 +6,8 @@ while the preparer works; none when the app is stopped) and lists the steps
 that make the host run it. The steps are ordered so that killing setlive after
 any of them leaves a state the next ``plan`` finishes from:
 
-    lease -> stage -> link and wait for runsv (new services) -> pending note
+    lease -> drain (load-balanced apps) -> stage -> link and wait for runsv
+    (new services) -> pending note
     -> (guard) -> previous -> current -> link -> wait for runsv -> retire old
     services -> sv up / sv restart -> autostart -> restart of setlive itself
     -> health gate
@@ -16,6 +17,14 @@ the switch already made), and a service linked for the first time carries a
 ``down`` file until it is started on purpose. That file lets a switch link the
 new version's services and wait for runsvdir's scan while the old version still
 serves, so a change of the service set costs a restart gap, not a scan.
+
+An app behind load balancers (``deploy_config.elb``) is drained before anything
+stops or restarts it: setlive asks in its own report (``drain_request``), and
+goes on once pp-elb-registrar acknowledges it (``drained_for`` in the
+registrar's report) or the wait's deadline passes with no answer. The request
+stays in the report until the new version's gate has passed, so the registrar
+puts the node back only then. The wait is a plan that stops at ``AwaitDrain``
+and is looked at again, never a sleep.
 """
 
 from __future__ import annotations
@@ -35,12 +44,25 @@ from intent.model import DeployConfig, Reality
 
 
 @dataclass(frozen=True)
+class DrainBounds:
+    """How long a drain before a restart may take, for an app behind load balancers."""
+
+    wait_s: float
+    """How long to wait for pp-elb-registrar's acknowledgement before going on anyway."""
+    hold_s: float
+    """How long past that the request keeps the node out: the switch and its gate (a
+    setlive that dies meanwhile cannot keep the node out for ever)."""
+
+
+@dataclass(frozen=True)
 class Desired:
     app: str
     version: str | None
     """The active version, or None when the app should be stopped."""
     fingerprint: str
     min_nodes: int = 0
+    drain: DrainBounds | None = None
+    """Set when the app is behind load balancers: drain before stopping or restarting."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,17 @@ class ServiceObs:
 
 
 @dataclass(frozen=True)
+class DrainSeen:
+    """setlive's own drain request for the app, and the registrar's answer to it."""
+
+    token: str
+    acknowledged: bool
+    """pp-elb-registrar reports ``drained_for`` this token: the node is out and drained."""
+    expired: bool
+    """The wait's deadline has passed."""
+
+
+@dataclass(frozen=True)
 class Observed:
     current: str | None
     previous: str | None = None
@@ -84,6 +117,7 @@ class Observed:
     """The service of this app that this very setlive runs as (the agent bundle)."""
     last_good: str | None = None
     """The version whose health gate last passed here (setlive's own note)."""
+    drain: DrainSeen | None = None
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -97,6 +131,26 @@ class ClearFailure:
 @dataclass(frozen=True)
 class AcquireLease:
     min_nodes: int
+
+
+@dataclass(frozen=True)
+class RequestDrain:
+    """Ask pp-elb-registrar, in setlive's report, to take the node out of the app's load
+    balancers; then wait for its answer (a new pass looks), up to ``bounds.wait_s``."""
+
+    bounds: DrainBounds
+
+
+@dataclass(frozen=True)
+class AwaitDrain:
+    """The registrar has not answered yet and the deadline is ahead: stop here."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class ClearDrain:
+    """Withdraw the drain request: the switch is over (or moot), the node may go back."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +243,9 @@ class ClearPending:
 Action = (
     ClearFailure
     | AcquireLease
+    | RequestDrain
+    | AwaitDrain
+    | ClearDrain
     | RetireService
     | StageService
     | SavePending
@@ -215,6 +272,8 @@ class Plan:
     """Why the app cannot converge yet, though nothing is wrong (reported as converging)."""
     error: str | None = None
     rolled_back_from: str | None = None
+    undrained: str | None = None
+    """Why this switch goes on with the node still in its load balancers, when it does."""
 
     def kinds(self) -> list[str]:
         return [type(a).__name__ for a in self.actions]
@@ -241,9 +300,18 @@ def plan(desired: Desired, observed: Observed) -> Plan:
     target = _target(desired, observed, failure)
     version = target.version
     if version is None:
+        undrained = None
         if not target.hold:
-            actions += _stop(desired.app, observed)
-        return Plan(tuple(actions), None, target.wait, target.error, target.rolled_back_from)
+            stops = _stop(desired.app, observed)
+            drain, undrained = _drain(
+                desired, observed, any(isinstance(a, StopService) for a in stops)
+            )
+            actions += drain + stops
+            if observed.drain is not None and not drain:
+                actions.append(ClearDrain())
+        return Plan(
+            tuple(actions), None, target.wait, target.error, target.rolled_back_from, undrained
+        )
 
     info = observed.versions[version]
     if info.error is not None:
@@ -266,15 +334,42 @@ def plan(desired: Desired, observed: Observed) -> Plan:
         actions.append(AcquireLease(desired.min_nodes))
     if observed.pending is not None and move.pending is None and not move.switching:
         actions.append(ClearPending())  # a note of a switch to another version, now moot
+    drain, undrained = _drain(desired, observed, disruptive)
+    actions += drain
     actions += services.stage
     actions += services.link_before_switch
     actions += services.supervise_before_switch
     if move.switching:
         actions += _switch(move, desired, observed, specs, retire)
     actions += _start(services, retire, observed.self_service)
-    if services.start or services.restart or move.pending is not None or move.switching:
+    gated = bool(services.start or services.restart or move.pending is not None or move.switching)
+    if gated:
         actions += _gate(move, observed, specs)
-    return Plan(tuple(actions), version, target.wait, target.error, target.rolled_back_from)
+    if observed.drain is not None and not drain and (gated or not disruptive):
+        actions.append(ClearDrain())  # after the gate: only then may the node go back
+    return Plan(
+        tuple(actions), version, target.wait, target.error, target.rolled_back_from, undrained
+    )
+
+
+def _drain(
+    desired: Desired, observed: Observed, disruptive: bool
+) -> tuple[list[Action], str | None]:
+    """The drain a stop or restart of a load-balanced app waits for, and why it goes on
+    undrained when the registrar never answered."""
+    if desired.drain is None or not disruptive:
+        return [], None
+    seen = observed.drain
+    if seen is None:
+        return [RequestDrain(desired.drain)], None
+    if seen.acknowledged:
+        return [], None
+    if seen.expired:
+        return [], (
+            f"pp-elb-registrar did not acknowledge the drain request within "
+            f"{desired.drain.wait_s:g}s (is it running on this node?): going on without it"
+        )
+    return [AwaitDrain(seen.token)], None
 
 
 @dataclass(frozen=True)

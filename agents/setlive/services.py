@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.health import ENV_DIR as ENV_DIR
 from intent.model import ENV_NAME_PATTERN, DeployConfig
 
 OWNER_FILE = "pp-service.json"
 CONFIG_FILE = "config.json"
-ENV_DIR = "env"
 DIGEST_VAR = "PP_CONFIG_DIGEST"
 
 _ENV_NAME = re.compile(ENV_NAME_PATTERN)

@@ -11,6 +11,9 @@ Only what the host itself cannot show is kept here:
 - ``last_switch_at``: for reports.
 - ``last_good``: the version whose health gate last passed here. A switch back to
   it is a repair of drift, not a deploy (see ``plan``).
+- ``drain``: the drain request setlive made before stopping or restarting an app
+  behind load balancers, reported as ``details.drain_request`` until the switch
+  is over, so a restarted setlive goes on waiting for the same answer.
 
 Everything else (what ``current`` points at, what runit runs) is observed anew
 on every pass.
@@ -46,11 +49,26 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Drain:
+    token: str
+    at: float
+    wait_until: float
+    """Until when setlive waits for pp-elb-registrar's acknowledgement."""
+    until: float
+    """Until when the request keeps the node out (the registrar ignores it afterwards)."""
+
+    def request(self) -> dict[str, object]:
+        """As reported in ``details.drain_request``, for pp-elb-registrar."""
+        return {"token": self.token, "at": round(self.at, 3), "until": round(self.until, 3)}
+
+
+@dataclass(frozen=True)
 class AppState:
     pending: Pending | None = None
     failure: Failure | None = None
     last_switch_at: float | None = None
     last_good: str | None = None
+    drain: Drain | None = None
 
 
 class StateDir:
@@ -71,7 +89,10 @@ class StateDir:
         try:
             pending = Pending(**data["pending"]) if data.get("pending") else None
             failure = Failure(**data["failure"]) if data.get("failure") else None
-            return AppState(pending, failure, data.get("last_switch_at"), data.get("last_good"))
+            drain = Drain(**data["drain"]) if data.get("drain") else None
+            return AppState(
+                pending, failure, data.get("last_switch_at"), data.get("last_good"), drain
+            )
         except TypeError:
             return AppState()
 
@@ -88,6 +109,7 @@ class StateDir:
             "failure": asdict(state.failure) if state.failure else None,
             "last_switch_at": state.last_switch_at,
             "last_good": state.last_good,
+            "drain": asdict(state.drain) if state.drain else None,
         }
         fs.write_atomic(self._file(app), json.dumps(data, sort_keys=True).encode(), 0o600)
 

@@ -275,8 +275,8 @@ def start_bare_runsvdir() -> _Runsvdir:
 @contextlib.contextmanager
 def bare_host() -> Iterator[BareHost]:
     handle = start_bare_runsvdir()
+    (handle.root / "host").mkdir(mode=0o755)
     host = BareHost(handle.root / "host", handle)
-    host.root.mkdir(mode=0o755)
     try:
         yield host
     finally:

@@ -1,164 +1,95 @@
-"""scripts/kickstart, for real, under a private runsvdir with every path in a temp dir.
+"""The host bootstrap from the bundle alone: no checkout, no virtualenv.
 
-The first run lays the agent bundle down; from then on pp-preparer and pp-setlive run
-from the bundle under runit, and a second run only publishes and deploys version 2,
-which the setlive under runit installs and switches to on its own.
+The bundle is built, unpacked in a temp dir, and its ``bin/kickstart`` run in a mount
+namespace where the checkout is an empty directory, with a clean PATH and no
+PYTHONPATH, against a private runsvdir started the same way: the agents come up from
+the install pp-preparer made, report in ``reality/``, and converge a sample app.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
+import json
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from runit_support import (  # noqa: F401
-    Runsvdir,
-    kill_our_guards,
-    require_root,
-    runsvdir,
-    wait_for,
-)
+from kickstart_support import APP, NODE, BareHost, bare_host, built, hup, unpack, wait_for
 
-from agents.setlive.observe import read_environ
-from agents.setlive.state import StateDir
 from agents.system import runit
-from agents.system.layout import AppLayout
-from intent.model import Reality
-from intent.store import IntentStore
-from intent.store.sqlite import SqliteStore
-
-REPO = Path(__file__).resolve().parent.parent
-APP = "platypus"
-NODE = "n1"
-
-
-@dataclass
-class Host:
-    root: Path
-    runit_dir: Path
-    store: IntentStore
-
-    @property
-    def layout(self) -> AppLayout:
-        return AppLayout(self.root / "opt" / APP, APP)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    def kickstart(self, version: str) -> subprocess.CompletedProcess[str]:
-        command = [
-            str(REPO / "scripts" / "kickstart"),
-            "--skip-setup",
-            "--store", f"sqlite://{self.root / 'store.db'}",
-            "--node", NODE,
-            "--version", version,
-            "--runit", str(self.runit_dir),
-            "--stage", str(self.root / "stage"),
-            "--state-dir", str(self.state_dir),
-            "--log-root", str(self.root / "log"),
-            "--basedir", str(self.layout.basedir),
-            "--repo", str(self.root / "repo"),
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PP_")}
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-
-    def report(self, agent: str) -> Reality | None:
-        found = [r for r in self.store.reality(NODE, APP) if r.agent == agent]
-        return found[0] if found else None
-
-    def service(self, agent: str) -> runit.ServiceStatus:
-        return runit.status(self.root / "stage" / f"{APP}-{agent}")
-
-    def running(self, agent: str) -> dict[str, str]:
-        """The environment of the agent's process under runit ({} when it is not up)."""
-        status = self.service(agent)
-        if not status.up or status.pid is None:
-            return {}
-        return read_environ(status.pid) or {}
-
-    def describe(self) -> str:
-        logs = {
-            agent: (self.root / "log" / f"{APP}-{agent}" / "current").read_text()[-1500:]
-            for agent in ("preparer", "setlive")
-            if (self.root / "log" / f"{APP}-{agent}" / "current").exists()
-        }
-        return (
-            f"setlive={self.report('setlive')} preparer={self.report('preparer')} "
-            f"current={self.layout.version_of(self.layout.current)} logs={logs}"
-        )
 
 
 @pytest.fixture
-def host(runsvdir: Runsvdir) -> Iterator[Host]:  # noqa: F811
-    require_root()
-    root = runsvdir.root / "kick"
-    root.mkdir(mode=0o755)
-    made = Host(root, runsvdir.service_dir, IntentStore(SqliteStore(root / "store.db")))
-    try:
+def host() -> Iterator[BareHost]:
+    with bare_host() as made:
         yield made
-    finally:
-        kill_our_guards(root)
-        made.store.close()
 
 
-def _runs(host: Host, agent: str, version: str) -> bool:
-    env = host.running(agent)
-    src = host.layout.install_dir(version) / "src"
-    return env.get("PP_VERSION") == version and env.get("PYTHONPATH") == str(src)
-
-
-def _reports_since(host: Host, agent: str, version: str, since: float) -> bool:
-    report = host.report(agent)
-    return (
-        report is not None
-        and report.updated_at > since
-        and (report.status, report.version) == ("converged", version)
-    )
-
-
-def test_kickstart_runs_the_agents_under_runit_and_they_deploy_their_next_version(
-    host: Host,
+def test_kickstart_from_the_bundle_runs_the_agents_which_then_converge_an_app(
+    host: BareHost,
 ) -> None:
-    first = host.kickstart("1")
+    bundle = built("repro-a")
+    downloaded = host.root / "downloaded"
+    tree = unpack(bundle.path, downloaded / "platypus")
+    tarball = downloaded / bundle.path.name
+    shutil.copyfile(bundle.path, tarball)
+    version = bundle.version
+    verified = ("--tarball", str(tarball), "--sha256", bundle.sha256)
+
+    first = host.kickstart(tree, *verified)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "kickstart: platypus 1 runs under runit" in first.stdout
+    assert f"kickstart: {APP} {version} runs here" in first.stdout
 
-    # The agents now run from the bundle's own install, not from the checkout, and
-    # report their own app from there.
-    # A SIGHUP makes each resync now: what they report after it, they report themselves
-    # (the kickstart's own --once runs have ended).
+    # The agents run from the install, with the host's python3 and the bundle's
+    # dependencies; what they report after a resync, they report themselves.
     for agent in ("preparer", "setlive"):
-        assert wait_for(lambda a=agent: _runs(host, a, "1"), 15), host.describe()  # type: ignore[misc]
-    hup = time.time()
+        assert wait_for(lambda a=agent: host.runs(a, version), 30), host.describe()  # type: ignore[misc]
+    since = hup(host, "preparer", "setlive")
     for agent in ("preparer", "setlive"):
-        subprocess.run(["sv", "hup", str(host.root / "stage" / f"{APP}-{agent}")], check=True)
-    for agent in ("preparer", "setlive"):
-        assert wait_for(lambda a=agent: _reports_since(host, a, "1", hup), 20), host.describe()  # type: ignore[misc]
-        assert _runs(host, agent, "1")
-    assert not (host.layout.install_dir("1") / "bin" / "launch" / "iptables").exists()
-    assert (host.layout.install_dir("1") / "VERSION").read_text() == "1\n"
-    setlive_pid = host.service("setlive").pid
+        assert wait_for(  # type: ignore[misc]
+            lambda a=agent: host.reports_since(a, version, since), 30
+        ), host.describe()
+    assert host.current() == version
+    config = json.loads((host.layout.basedir / "agents.json").read_text())
+    assert (config["node"], config["init"], config["agents"]) == (
+        NODE,
+        "runit",
+        ["preparer", "setlive"],
+    )
+    # The agents this host does not run idle, so the release's gate passes.
+    assert host.service("iptables").up and not host.running("iptables").get("PP_STORE")
 
-    # Version 2: the second run sees the setlive under runit and only deploys; that
-    # setlive installs (through the preparer), switches and restarts itself.
-    second = host.kickstart("2")
+    # The agents converge an app on their own.
+    host.put_sample_app("1", host.root / "srv" / "sample")
+    assert wait_for(lambda: host.reports_since("setlive", "1", since, app="sample"), 60), (
+        host.describe()
+    )
+    assert runit.status(host.stage / "sample").up
+
+    # A second run changes nothing: the same bytes are already published, the intent
+    # is unchanged, and the agents keep running (not restarted).
+    pids = {agent: host.service(agent).pid for agent in ("preparer", "setlive")}
+    second = host.kickstart(tree, *verified)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "pp-setlive already runs here" in second.stdout
+    assert "already published" in second.stdout
+    assert "already active, nothing changed" in second.stdout
+    assert "already runs here" in second.stdout
+    assert "wrote" not in second.stdout
+    assert {agent: host.service(agent).pid for agent in pids} == pids
 
-    def deployed_2() -> bool:
-        return (
-            host.layout.version_of(host.layout.current) == "2"
-            and _runs(host, "setlive", "2")
-            and _runs(host, "preparer", "2")
-            and _reports_since(host, "setlive", "2", hup)
-            and StateDir(host.state_dir).load(APP).pending is None
-        )
 
-    assert wait_for(deployed_2, 45), host.describe()
-    assert host.service("setlive").pid != setlive_pid
-    assert host.layout.version_of(host.layout.previous) == "1"
+def test_kickstart_refuses_what_is_not_the_verified_tarball(host: BareHost) -> None:
+    bundle = built("repro-a")
+    tree = unpack(bundle.path, host.root / "downloaded" / "platypus")
+    (tree / "src" / "agents" / "setlive" / "plan.py").write_text("# changed after download\n")
+    tarball = host.root / "downloaded" / bundle.path.name
+    tarball.write_bytes(bundle.path.read_bytes()[:-1] + b"\0")
+
+    for refused in (
+        host.kickstart(tree, "--sha256", bundle.sha256),
+        host.kickstart(tree, "--tarball", str(tarball), "--sha256", bundle.sha256),
+    ):
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "changed since it was verified" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert not host.layout.basedir.exists()
+    assert not (host.root / "repo").exists()

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import click
 import yaml
@@ -39,8 +42,9 @@ from agents.kickstart import units
 from agents.kickstart.hostconfig import AGENTS, APP, CLUSTER, INITS, PYTHON_LINK, HostConfig
 from agents.system import fs, runit
 from intent import keys
+from intent.artifacts import artifact_url
 from intent.cli import pack
-from intent.store import default_store_url, open_store
+from intent.store import StoreError, default_store_url, open_store
 
 HEALTH_CHECK = {
     "type": "exec",
@@ -96,33 +100,85 @@ def check_python(bundle: Bundle) -> None:
         )
 
 
-def publish(bundle: Bundle, repo: str, expected: str | None, dry_run: bool) -> str:
-    """Publish the bundle's tree as app ``platypus``; returns its sha256.
+def publish(
+    bundle: Bundle, tarball: Path | None, repo: str, expected: str | None, dry_run: bool
+) -> str:
+    """Publish the bundle as app ``platypus`` in ``repo``; returns its sha256.
 
-    The tree packs to the bytes of the tarball it was unpacked from (``pp bundle`` and
-    ``pp pack`` build alike), so the sha256 verified before unpacking is the one the
-    intent names, and a tree changed since then is caught here.
+    ``tarball``: the verified download itself is published, byte for byte. Without
+    it, the unpacked tree is packed again, which gives the tarball's bytes when the
+    tree is as unpacked (``pp bundle`` and ``pp pack`` build alike); ``expected``
+    catches a tree changed since.
     """
-    os.environ["SOURCE_DATE_EPOCH"] = "0"  # the bundle is built with mtime 0
-    with open(os.devnull, "wb") as sink:
-        sha256 = pack.build(bundle.root, sink, mtime=0)
+    if tarball is not None:
+        if tarball.name != f"{APP}-{bundle.version}.tar.gz":
+            raise KickstartError(
+                f"{tarball}: not {APP}-{bundle.version}.tar.gz, the tarball of this tree"
+            )
+        sha256 = sha256_file(tarball)
+        what = str(tarball)
+    else:
+        with open(os.devnull, "wb") as sink:
+            sha256 = pack.build(bundle.root, sink, mtime=0)
+        what = f"{bundle.root} packs to"
     if expected is not None and sha256 != expected.lower():
         raise KickstartError(
-            f"{bundle.root} packs to sha256 {sha256}, not {expected}: it changed since it was "
-            "unpacked (or --sha256 is another bundle's); unpack the verified tarball again"
+            f"{what} sha256 {sha256}, not {expected}: it changed since it was verified "
+            "(or --sha256 is another bundle's); download and unpack the tarball again"
         )
     if dry_run:
         say(f"would publish {APP} {bundle.version} (sha256 {sha256}) into {repo}")
         return sha256
     try:
-        published = pack.pack(bundle.root, APP, bundle.version, repo)
+        if tarball is not None:
+            published = publish_file(tarball, sha256, repo, bundle.version)
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = "0"  # bundles are built with mtime 0
+            published = pack.pack(bundle.root, APP, bundle.version, repo)
     except pack.PackError as exc:
         raise KickstartError(str(exc)) from exc
-    if published.sha256 != sha256:  # the tree changed while it was packed
+    if published.sha256 != sha256:  # the tree changed while it was published
         raise KickstartError(f"{bundle.root} changed while it was published; run again")
     state = "already published" if published.unchanged else "published"
     say(f"{state} {APP} {bundle.version} (sha256 {sha256}) at {published.url}")
     return sha256
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_file(tarball: Path, sha256: str, repo: str, version: str) -> pack.Published:
+    """Copy ``tarball`` into a ``file://`` repo (temp name, then rename); a version
+    already there with other bytes is refused: hosts may have installed it."""
+    url = artifact_url(repo, APP, version)
+    if urlsplit(url).scheme != "file":
+        raise pack.PackError(
+            f"--repo {repo}: --tarball publishes to a file:// repo; for another, publish "
+            "the tarball there yourself and leave --tarball out"
+        )
+    dest = Path(unquote(urlsplit(url).path))
+    size = tarball.stat().st_size
+    if dest.exists():
+        if sha256_file(dest) != sha256:
+            raise pack.PackError(
+                f"{dest} already exists with different contents; publish a new version"
+            )
+        return pack.Published(url, sha256, size, unchanged=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.with_name(f"{pack.TEMP_MARK}{dest.name}.{os.getpid()}")
+    try:
+        shutil.copyfile(tarball, temp)
+        with temp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, dest)
+    finally:
+        temp.unlink(missing_ok=True)
+    return pack.Published(url, sha256, size, unchanged=False)
 
 
 def pp(args: list[str], store: str, prefix: str, dry_run: bool) -> None:
@@ -149,8 +205,13 @@ def pp(args: list[str], store: str, prefix: str, dry_run: bool) -> None:
 def write_intent(
     config: HostConfig, basedir: Path, version: str, sha256: str, dry_run: bool
 ) -> None:
-    with open_store(config.store, config.prefix) as store:
-        deploy_config = store.get_raw(keys.deploy_config(APP, CLUSTER))
+    try:
+        with open_store(config.store, config.prefix, create=not dry_run) as store:
+            deploy_config = store.get_raw(keys.deploy_config(APP, CLUSTER))
+    except StoreError as exc:
+        if not dry_run:
+            raise KickstartError(f"store {config.store}: {exc}") from exc
+        deploy_config = None  # a dry run creates no store: as on the first host
     if deploy_config is None:
         app_file = {
             "app": APP,
@@ -165,6 +226,10 @@ def write_intent(
                 }
             },
         }
+        if dry_run:
+            say("would create the app with pp apply -f:")
+            click.echo(yaml.safe_dump(app_file, sort_keys=False), nl=False)
+            return _assign_and_deploy(config, version, sha256, dry_run)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pp-kickstart-") as f:
             yaml.safe_dump(app_file, f)
             f.flush()
@@ -176,6 +241,10 @@ def write_intent(
                 f"{keys.deploy_config(APP, CLUSTER)} installs the agents in {their}: "
                 f"pass --basedir {their}"
             )
+    _assign_and_deploy(config, version, sha256, dry_run)
+
+
+def _assign_and_deploy(config: HostConfig, version: str, sha256: str, dry_run: bool) -> None:
     pp(["assign", APP, config.node, "--cluster", CLUSTER], config.store, config.prefix, dry_run)
     pp(
         ["deploy", APP, version, "--cluster", CLUSTER, "--sha256", sha256],
@@ -351,6 +420,12 @@ def _path_option(name: str, default: str, help: str) -> Callable[[F], F]:
     help="Seconds a self-deploy's guard waits for the new pp-setlive (its default: from "
     "the health check).",
 )
+@click.option(
+    "--tarball",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The tarball this tree was unpacked from: published as it is (file:// repos).",
+)
 @click.option("--sha256", "expected", default=None, help="The sha256 the tarball was verified to.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
 def main(
@@ -368,6 +443,7 @@ def main(
     unit_dir: Path,
     repo: str,
     guard_deadline: float | None,
+    tarball: Path | None,
     expected: str | None,
     dry_run: bool,
 ) -> None:
@@ -393,9 +469,7 @@ def main(
         guard_deadline=guard_deadline,
     )
     version = bundle.version
-    if repo.startswith("file://") and not dry_run:
-        Path(repo.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-    sha256 = publish(bundle, repo, expected, dry_run)
+    sha256 = publish(bundle, tarball, repo, expected, dry_run)
     ensure_runsvdir(config, dry_run)
     write_intent(config, basedir, version, sha256, dry_run)
     if dry_run:

@@ -354,19 +354,62 @@ def push(engine: Engine, repository: str, tag: str) -> str:
     return str(pinned[0])
 
 
+_shared: dict[str, object] = {}
+"""The session's engine and registry, or why there is none. Test modules import the
+fixtures, and each module's copy would otherwise start an engine of its own."""
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[Engine]:
-    engine = start_engine()
+    if isinstance(reason := _shared.get("no-engine"), str):
+        missing(reason)
+    engine = _shared.get("engine")
+    if not isinstance(engine, Engine):
+        try:
+            engine = _shared["engine"] = start_engine()
+        except pytest.skip.Exception as exc:
+            _shared["no-engine"] = str(exc.msg)
+            raise
     try:
         yield engine
     finally:
-        stop_engine(engine)
+        if _shared.pop("engine", None) is not None:
+            stop_engine(engine)
 
 
 @pytest.fixture(scope="session")
 def registry(docker_engine: Engine) -> Iterator[Registry]:
-    handle = start_registry(docker_engine.root)
+    handle = _shared.get("registry")
+    if not isinstance(handle, Registry):
+        handle = _shared["registry"] = start_registry(docker_engine.root)
     try:
         yield handle
     finally:
-        stop_registry(handle)
+        if _shared.pop("registry", None) is not None:
+            stop_registry(handle)
+
+
+@dataclass(frozen=True)
+class Images:
+    """Pinned references (``repository@sha256:...``) in the session's registry, of
+    images the engine does not hold until something pulls them."""
+
+    v1: str
+    v2: str
+    broken: str
+
+
+@pytest.fixture(scope="session")
+def images(docker_engine: Engine, registry: Registry) -> Images:
+    built = _shared.get("images")
+    if isinstance(built, Images):
+        return built
+    repository = f"{registry.address}/web"
+    refs = {}
+    for tag, broken in (("1", False), ("2", False), ("broken", True)):
+        image_id = build_image(docker_engine, repository, tag, label=f"web {tag}", broken=broken)
+        refs[tag] = push(docker_engine, repository, tag)
+        docker_engine.run_cli("rmi", "--force", image_id)
+    made = Images(refs["1"], refs["2"], refs["broken"])
+    _shared["images"] = made
+    return made

@@ -15,17 +15,17 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from docker_support import (
     Engine,
+    Images,
     Registry,
     build_image,
     docker_engine,
-    push,
+    images,
     registry,
     start_registry,
     stop_registry,
@@ -40,29 +40,9 @@ from intent.image_ref import parse_image
 from intent.model import Reality
 from intent.store import open_store
 
-__all__ = ["docker_engine", "registry"]  # fixtures
+__all__ = ["docker_engine", "images", "registry"]  # fixtures
 
 NODE = "web1"
-
-
-@dataclass(frozen=True)
-class Images:
-    v1: str
-    v2: str
-    broken: str
-    """Pinned references (``repository@sha256:...``) in the session's registry."""
-
-
-@pytest.fixture(scope="session")
-def images(docker_engine: Engine, registry: Registry) -> Images:
-    repository = f"{registry.address}/web"
-    refs = {}
-    for tag, broken in (("1", False), ("2", False), ("broken", True)):
-        image_id = build_image(docker_engine, repository, tag, label=f"web {tag}", broken=broken)
-        refs[tag] = push(docker_engine, repository, tag)
-        # Only the registry holds it now: a pull is what puts it in the engine.
-        docker_engine.run_cli("rmi", "--force", image_id)
-    return Images(refs["1"], refs["2"], refs["broken"])
 
 
 class World:

@@ -12,6 +12,7 @@ import click
 
 from agents import entrypoint
 from agents.setlive.agent import DRAIN_WAIT_S, SetliveAgent
+from agents.setlive.container import DEFAULT_PIDS_LIMIT, ContainerSettings
 from agents.setlive.observe import Paths
 from intent.store import IntentStore
 
@@ -106,6 +107,26 @@ def _lock(state_dir: Path) -> int:
     help="For an app behind load balancers (deploy_config.elb): seconds to wait for "
     "pp-elb-registrar to drain the node before stopping or restarting it; then it goes on.",
 )
+@click.option(
+    "--docker",
+    "docker_bin",
+    default=None,
+    metavar="PATH",
+    help="The docker client image versions' services run [default: docker on PATH].",
+)
+@click.option(
+    "--docker-host",
+    default=None,
+    metavar="URL",
+    help="The Docker engine image versions run in [default: the client's own].",
+)
+@click.option(
+    "--pids-limit",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PIDS_LIMIT,
+    show_default=True,
+    help="Most processes a container of an image version may have.",
+)
 def main(**params: Any) -> None:
     """Swap runit services to each app's active version, health-gated, with rollback."""
     common = entrypoint.pop_common(params)
@@ -114,6 +135,11 @@ def main(**params: Any) -> None:
         stage=params["stage"].absolute(),
         log_root=params["log_root"].absolute(),
         state_dir=params["state_dir"].absolute(),
+        containers=ContainerSettings(
+            docker_bin=params["docker_bin"] or ContainerSettings().docker_bin,
+            docker_host=params["docker_host"],
+            pids_limit=params["pids_limit"],
+        ),
     )
     _lock(paths.state_dir)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import structlog
 
 from agents import health, metrics
+from agents.setlive import container
 from agents.setlive.observe import Paths
 from agents.setlive.plan import (
     AcquireLease,
@@ -431,6 +432,11 @@ def _write_files(service_dir: Path, spec: ServiceSpec) -> set[str]:
         if entry.name not in wanted:
             entry.unlink()
             changed.add(f"{ENV_DIR}/{entry.name}")
+    for rel in container.FILES:  # an image version's, when a tarball version follows
+        if rel not in spec.files:
+            with contextlib.suppress(FileNotFoundError):
+                (service_dir / rel).unlink()
+                changed.add(rel)
     return changed
 
 

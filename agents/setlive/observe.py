@@ -13,10 +13,11 @@ import os
 import pwd
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents import health
+from agents.setlive import container
 from agents.setlive.plan import (
     Desired,
     DrainBounds,
@@ -40,7 +41,7 @@ from agents.system import fs, runit
 from agents.system.layout import AppLayout, InstallMarker, LaunchEntries
 from intent.store import AppIntent
 
-MANAGED_FILES = ("run", "log/run", CONFIG_FILE, OWNER_FILE)
+MANAGED_FILES = ("run", "log/run", CONFIG_FILE, OWNER_FILE, *container.FILES)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Paths:
     stage: Path
     log_root: Path
     state_dir: Path
+    containers: container.ContainerSettings = field(default_factory=container.ContainerSettings)
+    """How image versions' services reach the Docker engine."""
 
 
 def staged_entries(stage: Path, app: str) -> LaunchEntries:
@@ -218,7 +221,8 @@ def observe(
         candidates.add(notes.failure.rolled_back_to)
     if notes.pending:
         candidates.add(notes.pending.from_version)
-    gid = pwd.getpwnam(deploy.run_as).pw_gid
+    user = pwd.getpwnam(deploy.run_as)
+    gid = user.pw_gid
     versions: dict[str, VersionInfo] = {}
     for version in sorted(v for v in candidates if v is not None):
         marker = layout.read_marker(version)
@@ -238,6 +242,11 @@ def observe(
             stage=paths.stage,
             log_root=paths.log_root,
             gid=gid,
+            container=(
+                container.ContainerRun(paths.containers, user.pw_uid, gid)
+                if marker is not None and marker.image is not None
+                else None
+            ),
         )
         versions[version] = VersionInfo(True, tuple(specs), error)
     names = set(services_of(paths.stage, intent.app))

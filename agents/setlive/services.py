@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.health import ENV_DIR as ENV_DIR
+from agents.setlive.container import ContainerRun, service_files
 from intent.model import ENV_NAME_PATTERN, DeployConfig
 
 OWNER_FILE = "pp-service.json"
@@ -150,8 +151,10 @@ def render(
     stage: Path,
     log_root: Path,
     gid: int | None,
+    container: ContainerRun | None = None,
 ) -> list[ServiceSpec]:
-    """The service definitions for one version of an app (its ``bin/launch`` entries)."""
+    """The service definitions for one version of an app (its ``bin/launch`` entries;
+    with ``container``, the one service of an image version, see ``container``)."""
     specs = []
     for entry in entries:
         name = service_name(app, entry)
@@ -171,6 +174,17 @@ def render(
         env = env_for(app, cluster, name, deploy, user_config, config_path)
         for key, value in env.items():
             files[f"{ENV_DIR}/{key}"] = FileSpec(_envdir_value(value), 0o600)
+        if container is not None:
+            image_files = service_files(
+                app=app,
+                service=name,
+                basedir=deploy.basedir,
+                service_dir=service_dir,
+                config_path=config_path,
+                run=container,
+                env=env,
+            )
+            files.update({rel: FileSpec(data, mode) for rel, (data, mode) in image_files.items()})
         digest = definition_digest(files)
         files[f"{ENV_DIR}/{DIGEST_VAR}"] = FileSpec(_envdir_value(digest), 0o600)
         files[OWNER_FILE] = FileSpec(

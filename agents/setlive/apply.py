@@ -214,6 +214,9 @@ def _step(
                 f"asked pp-elb-registrar to take {ctx.app} out of its load balancers "
                 f"(waiting up to {bounds.wait_s:g}s)"
             )
+            # Said now, while a min_nodes lease is still held: peers count this node out
+            # (health unknown) before the lease is released, and the registrar is woken.
+            ctx.progress(result.wait, ctx.layout.version_of(ctx.layout.current))
             return True
         case AwaitDrain(token=token):
             noted = ctx.state.load(ctx.app).drain

@@ -4,9 +4,11 @@ never used once the watch has failed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ from consul_agent import ConsulAgent
 
 from intent import keys
 from intent.errors import StoreUnavailable
-from intent.store import IntentStore
+from intent.store import IntentStore, sqlite
 from intent.store.consul import ConsulStore
+from intent.store.sqlite import SqliteStore
 
 SHA = "ab" * 32
 
@@ -108,7 +111,7 @@ def test_passes_read_what_the_watch_saw_only_while_it_answers(own_consul: Consul
     store.put_json(keys.deploy_config("hello", "c"), {"basedir": "/srv/hello"})
     store.watch_node("web1", None, 0)
     (intent,) = store.apps_for_node("web1", fresh=False)
-    assert intent.valid and store.identity() is not None
+    assert intent.valid
 
     own_consul.stop()
     with pytest.raises(StoreUnavailable):
@@ -116,7 +119,56 @@ def test_passes_read_what_the_watch_saw_only_while_it_answers(own_consul: Consul
     # Nothing seen before the failure stands in for the store now.
     with pytest.raises(StoreUnavailable):
         store.apps_for_node("web1", fresh=False)
-    with pytest.raises(StoreUnavailable):
-        store.identity()
     store.close()
 
+
+# -- the embedded store -----------------------------------------------------------------------
+
+
+def write_from_another_process(path: Path, key: str) -> None:
+    subprocess.run(
+        [sys.executable, "-c", WRITE_ONE, str(path), key], check=True, cwd=REPO, timeout=60
+    )
+
+
+WRITE_ONE = (
+    "import sys; from intent.store.sqlite import SqliteStore; "
+    "SqliteStore(sys.argv[1]).put(sys.argv[2], b'1')"
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_an_embedded_watch_is_woken_by_the_kernel_when_another_process_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With its safety look pushed past the wait's timeout, only the write's own
+    # notification can end the wait with a new token.
+    monkeypatch.setattr(sqlite, "SAFETY_LOOK_S", 600.0)
+    path = tmp_path / "intent.db"
+    with SqliteStore(path) as kv:
+        for round_ in range(3):
+            token = kv.wait(["k/"], None, 0)
+            writer = threading.Timer(0.3, write_from_another_process, (path, f"k/{round_}"))
+            writer.start()
+            assert kv.wait(["k/"], token, 30) != token
+            writer.join()
+
+
+def test_an_idle_embedded_watch_looks_at_the_database_about_once_a_second(
+    tmp_path: Path,
+) -> None:
+    with SqliteStore(tmp_path / "intent.db") as kv:
+        looks = 0
+        token_of = kv._token
+
+        def counted(prefixes: Sequence[str]) -> tuple[int, ...]:
+            nonlocal looks
+            looks += 1
+            return token_of(prefixes)
+
+        kv._token = counted  # type: ignore[method-assign]
+        token = kv.wait(["k/"], None, 0)
+        looks = 0
+        assert kv.wait(["k/"], token, 3.0) == token
+        # A 50 ms poll would have looked 60 times.
+        assert looks <= 3 / sqlite.SAFETY_LOOK_S + 2

@@ -216,8 +216,8 @@ class IntentStore(ClosedByWith):
         reports_of: Sequence[str] = (),
     ) -> NodeWatch:
         """Block until something this node's agents act on changed: its assignments
-        (retry and drain requests included), the intent of a cluster it runs, the
-        store's identity, or the reports on this node of an agent in ``reports_of``.
+        (retry and drain requests included), the intent of a cluster it runs, or the
+        reports on this node of an agent in ``reports_of``.
         Nothing else wakes it, so a change to an app costs the nodes that do not run
         it nothing. Until the next call fails, the node's passes may read what this
         call saw (``apps_for_node(fresh=False)``)."""
@@ -235,12 +235,11 @@ class IntentStore(ClosedByWith):
         return NodeWatch(prefixes, new)
 
     def _watch_set(self, node: str, reports_of: Sequence[str]) -> tuple[str, ...]:
-        """The node's prefix first, then the identity, its clusters and the reports."""
+        """The node's prefix first, then its clusters and the reports."""
         if node not in self._clusters_run:
             self._clusters_run[node] = self._clusters_assigned(node, None)
         return (
             self._k(keys.node_apps(node)),
-            self._k(keys.IDENTITY),
             *self._clusters_run[node],
             *(self._k(keys.reality(node, agent, "")) for agent in reports_of),
         )
@@ -312,21 +311,20 @@ class IntentStore(ClosedByWith):
 
     # -- trust ----------------------------------------------------------------------------
 
-    def identity(self, fresh: bool = False) -> StoreIdentity | None:
+    def identity(self) -> StoreIdentity | None:
         """This store's identity record, None when there is none; IntentError when it
-        cannot be read (agents then hold, as for a missing one they knew). Unless
-        ``fresh``, as a running node watch last saw it (it covers the identity)."""
-        key = self._k(keys.IDENTITY)
-        seen = None if fresh else self._seen.get(key)
-        found = self.kv.get(key) if seen is None else next((e for e in seen if e.key == key), None)
-        if found is None:
+        cannot be read (agents then hold, as for a missing one they knew). Always read
+        afresh: it is what tells a wiped or replaced store from intent, and the watch's
+        values of different prefixes may come from moments apart."""
+        entry = self.kv.get(self._k(keys.IDENTITY))
+        if entry is None:
             return None
-        return parse(StoreIdentity, found.value, keys.IDENTITY)
+        return parse(StoreIdentity, entry.value, keys.IDENTITY)
 
     def ensure_identity(self, actor: str) -> StoreIdentity:
         """The identity record, created first if the store has none (what ``pp init``
         and the first write ``pp`` makes do)."""
-        while (found := self.identity(fresh=True)) is None:
+        while (found := self.identity()) is None:
             new = StoreIdentity(id=uuid.uuid4().hex, created_by=actor)
             if self.kv.put(self._k(keys.IDENTITY), encode(new.model_dump()), MUST_NOT_EXIST):
                 return new

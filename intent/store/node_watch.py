@@ -1,8 +1,9 @@
 """What a node's watch covers, and what it saw.
 
 A node's agents act on a few prefixes only: the node's assignments (with the retry
-and drain requests below them), the intent of each cluster it runs, the store's
-identity, and for some agents another agent's reports on the node. Watching those
+and drain requests below them), the intent of each cluster it runs, and for some
+agents another agent's reports on the node. (The store's identity is read afresh
+on every pass: see ``IntentStore.identity``.) Watching those
 and nothing else is what keeps a fleet quiet: a change to an app wakes only the
 nodes that run it.
 
@@ -10,7 +11,10 @@ A watch whose backend hands over the values with the wake-up (Consul's blocking
 queries do) also lets the woken agent read nothing more: ``Seen`` keeps those values
 so the node's next pass is served from them. They are exactly as fresh as the watch,
 which sees every later change, so they are kept only while the watch runs (cleared
-when it fails) and only for the prefixes it covers now.
+when it fails) and only for the prefixes it covers now. Each prefix's values are of
+the moment its own query answered, so a pass may combine prefixes seen moments apart,
+as sequential reads did: a half-seen change reads as invalid or vanished intent,
+which holds.
 """
 
 from __future__ import annotations

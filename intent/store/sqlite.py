@@ -4,8 +4,13 @@ Several processes on one host (the CLI and every agent) share the file; SQLite's
 own locking makes each write a transaction. Every write takes the next value of
 one global counter as its version, so versions never repeat, even across a
 delete and re-create, which is what compare-and-set and ``wait`` rely on.
-``wait`` polls, because SQLite has no cross-process notification; a 50 ms
-poll of an indexed ``max()`` keeps wake-ups well inside the 100 ms target.
+SQLite has no cross-process notification, so ``wait`` asks the kernel: it
+sleeps on inotify until the database or its WAL is written (intent/store/file_watch.py),
+then compares its marks again, and costs nothing while nothing is written. The
+last write of a commit lands a moment before readers can see it, so a write that
+did not move the marks is looked at again a few milliseconds later; and a look
+every ``SAFETY_LOOK_S`` covers file systems that send no events. Without inotify it
+polls every ``POLL_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from intent.errors import StoreUnavailable
+from intent.store.file_watch import FileChanges, watch_file
 from intent.store.kv import Entry, KVStore, WatchToken
 
 POLL_INTERVAL_S = 0.05
+SAFETY_LOOK_S = 1.0
+SETTLE_LOOK_S = 0.005
+SETTLE_LOOKS = 3
 _PREFIX_END = "\U0010ffff"
 
 _SCHEMA = """
@@ -79,6 +88,8 @@ class SqliteStore(KVStore):
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open embedded store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        self._watches = threading.local()
+        self._opened_watches: list[FileChanges] = []
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -168,11 +179,33 @@ class SqliteStore(KVStore):
 
     def wait(self, prefixes: Sequence[str], token: WatchToken | None, timeout: float) -> WatchToken:
         deadline = time.monotonic() + timeout
+        changes = self._changes() if token is not None and timeout > 0 else None
+        if changes is not None:
+            changes.forget()  # what was written before the first look, the look sees
+        settling = 0
         while True:
             current = self._token(prefixes)
-            if token is None or current != token or time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if token is None or current != token or remaining <= 0:
                 return current
-            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            if changes is None:
+                time.sleep(min(POLL_INTERVAL_S, remaining))
+            elif changes.wait(min(remaining, SETTLE_LOOK_S if settling else SAFETY_LOOK_S)):
+                settling = SETTLE_LOOKS
+            else:
+                settling = max(0, settling - 1)
+
+    def _changes(self) -> FileChanges | None:
+        """This thread's watch on the database files, kept for its next ``wait``: one per
+        thread, since a wait consumes the events it sees."""
+        changes: FileChanges | None = getattr(self._watches, "changes", None)
+        if changes is None and not getattr(self._watches, "unavailable", False):
+            changes = watch_file(self.path)
+            self._watches.changes, self._watches.unavailable = changes, changes is None
+            if changes is not None:
+                with self._lock:
+                    self._opened_watches.append(changes)
+        return changes
 
     def acquire_lease(self, resource: str, holder: str, limit: int, ttl_s: float) -> bool:
         now = time.time()
@@ -208,3 +241,6 @@ class SqliteStore(KVStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for changes in self._opened_watches:
+                changes.close()
+            self._opened_watches = []

@@ -139,12 +139,26 @@ def get(env: Env, app: str, as_json: bool) -> None:
 @click.argument("app")
 @click.argument("version")
 @click.option("-c", "--cluster", required=True, help="Cluster to deploy to.")
-@click.option("--sha256", required=True, help="SHA-256 of the version's artifact (64 hex digits).")
+@click.option("--sha256", default=None, help="SHA-256 of the version's artifact (64 hex digits).")
 @click.option("--url", default=None, help="Where agents fetch the artifact.")
+@click.option(
+    "--image",
+    default=None,
+    metavar="REF",
+    help="Instead of --sha256: a Docker image pinned by digest, host[:port]/name@sha256:<hex> "
+    "(pp pack --docker prints it).",
+)
 @wait_options
 @pass_env
 def deploy(
-    env: Env, app: str, version: str, cluster: str, sha256: str, url: str | None, wait: Wait
+    env: Env,
+    app: str,
+    version: str,
+    cluster: str,
+    sha256: str | None,
+    url: str | None,
+    image: str | None,
+    wait: Wait,
 ) -> None:
     """Make VERSION the active version; the version active until now stays as prep.
 
@@ -158,7 +172,9 @@ def deploy(
     change = op.update(
         store,
         key,
-        lambda old: op.dump(op.deployed(op.parse_config(old, key), version, sha256, url, key)),
+        lambda old: op.dump(
+            op.deployed(op.parse_config(old, key), version, sha256, url, key, image)
+        ),
         app=app,
         action="deploy",
         who=op.actor(),
@@ -197,7 +213,8 @@ def _active(value: Any) -> str | None:
     "to",
     default=None,
     metavar="VERSION",
-    help="Prep version to make active; needed when the audit trail cannot tell.",
+    help="Prep version to make active (or the image reference of one); needed when the "
+    "audit trail cannot tell.",
 )
 @wait_options
 @pass_env
@@ -209,7 +226,7 @@ def rollback(env: Env, app: str, cluster: str, to: str | None, wait: Wait) -> No
     """
     op.check_name("app", app)
     op.check_name("cluster", cluster)
-    if to is not None:
+    if to is not None and "@" not in to:  # with an @: the image reference of a version
         op.check_name("version", to)
     store = env.store()
     key = keys.config(app, cluster)
@@ -220,6 +237,8 @@ def rollback(env: Env, app: str, cluster: str, to: str | None, wait: Wait) -> No
         if config is None:
             raise op.OperatorError(f"{key}: missing; nothing to roll back")
         target = to or op.rollback_target(config, history, key)
+        if "@" in target:
+            target = op.version_of_image(config, target, key)
         return op.dump(op.rolled_back(config, target, key))
 
     change = op.update(store, key, transform, app=app, action="rollback", who=op.actor())

@@ -161,28 +161,43 @@ def _validated(config: AppConfig, key: str) -> AppConfig:
 
 
 def deployed(
-    config: AppConfig | None, version: str, sha256: str, url: str | None, key: str
+    config: AppConfig | None,
+    version: str,
+    sha256: str | None,
+    url: str | None,
+    key: str,
+    image: str | None = None,
 ) -> AppConfig:
     """``version`` becomes active; the version active until now is kept as prep.
 
+    The version is a tarball (``sha256``, ``url``) or a Docker image (``image``).
     Other prep versions are left alone: they may be staged for a later deploy,
     and dropping a version is a decision for ``pp apply``. Versions are
-    immutable: reusing a version name with a different sha256 is refused.
+    immutable: reusing a version name with another artifact is refused.
     """
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    if (sha256 is None) == (image is None):
+        raise OperatorError("give either --sha256 (a tarball) or --image (a Docker image)")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise OperatorError(f"sha256 {sha256!r}: expected 64 lowercase hex digits")
+    if image is not None and url is not None:
+        raise OperatorError("--url is for tarballs; an image is pulled from its registry")
     config = config or AppConfig()
     existing = config.versions.get(version)
-    if existing is not None and existing.sha256 != sha256:
+    if existing is not None and (existing.sha256, existing.image) != (sha256, image):
+        was = f"image {existing.image}" if existing.image else f"sha256 {existing.sha256}"
         raise OperatorError(
-            f"{key}: version {version} already exists with sha256 {existing.sha256};"
+            f"{key}: version {version} already exists with {was};"
             " a version's artifact never changes, deploy it under a new version"
         )
-    fields: dict[str, Any] = {"state": "active", "sha256": sha256}
-    if url is not None:
-        fields["url"] = url
-    elif existing is not None and existing.url is not None:
-        fields["url"] = existing.url
+    fields: dict[str, Any] = {"state": "active"}
+    if image is not None:
+        fields["image"] = image
+    else:
+        fields["sha256"] = sha256
+        if url is not None:
+            fields["url"] = url
+        elif existing is not None and existing.url is not None:
+            fields["url"] = existing.url
     try:
         spec = VersionSpec.model_validate(fields)
     except ValidationError as exc:
@@ -193,6 +208,16 @@ def deployed(
     }
     versions[version] = spec
     return _validated(config.model_copy(update={"versions": versions}), key)
+
+
+def version_of_image(config: AppConfig, image: str, key: str) -> str:
+    """The version whose ``image`` is ``image`` (``pp rollback --to`` takes either)."""
+    named = sorted(v for v, spec in config.versions.items() if spec.image == image)
+    if not named:
+        raise OperatorError(f"{key}: no version has image {image}")
+    if len(named) > 1:
+        raise OperatorError(f"{key}: versions {', '.join(named)} all have image {image}; use one")
+    return named[0]
 
 
 def rolled_back(config: AppConfig, to: str, key: str) -> AppConfig:
@@ -290,7 +315,7 @@ def plan_apply(store: IntentStore, app_file: AppFile, prune_nodes: bool) -> list
 
 
 def changed_artifacts(old: Json, new: Json) -> list[str]:
-    """Versions present in both values whose sha256 differs.
+    """Versions present in both values whose artifact (sha256 or image) differs.
 
     ``pp deploy`` refuses this; ``pp apply`` allows it (replacing placeholder
     digests with real ones is legitimate) but says so, since nodes that
@@ -305,7 +330,7 @@ def changed_artifacts(old: Json, new: Json) -> list[str]:
         for name, spec in after.items()
         if isinstance(spec, dict)
         and isinstance(before.get(name), dict)
-        and before[name].get("sha256") != spec.get("sha256")
+        and any(before[name].get(f) != spec.get(f) for f in ("sha256", "image"))
     )
 
 

@@ -713,13 +713,12 @@ class Runtime:
                     self.options.watch_timeout_s,
                     reports_of=self.agent.watched_reports,
                 )
-            except StoreUnavailable as exc:
-                self._store_state(False, exc)  # news even while the loop is idle
-                failures += 1
-                self.stop_event.wait(self._store_retry(failures))
-                continue
             except Exception as exc:
-                if not isinstance(exc, StoreError):
+                if self.stop_event.is_set():
+                    return  # a stopping agent closes its store under this wait: no news
+                if isinstance(exc, StoreUnavailable):
+                    self._store_state(False, exc)  # news even while the loop is idle
+                elif not isinstance(exc, StoreError):
                     self.log.exception("watch.crashed")
                 failures += 1
                 self.stop_event.wait(self._store_retry(failures))

@@ -816,3 +816,32 @@ def test_an_app_waiting_on_something_else_is_checked_soon_then_less_often(
         waits.append(waited)
     assert waits == [0.25, 0.5, 1.0, 2.0, 2.0]
     assert status_of(store, "hello")[0] == "converging"
+
+
+@pytest.mark.parametrize("error", [StoreUnavailable("closed"), OSError("watch closed")])
+def test_a_watch_cut_short_by_the_stop_is_no_outage_and_no_crash(
+    tmp_path: Path, error: Exception
+) -> None:
+    """A stopping agent closes its store while the watch still waits on it: whatever that
+    wait raises then is no news (it used to log an outage or a crash after the stop)."""
+    stop = threading.Event()
+    waiting = threading.Event()
+
+    class Closing(SqliteStore):
+        def wait_entries(self, prefixes, token, timeout):  # type: ignore[no-untyped-def]
+            waiting.set()
+            stop.wait(30)  # the store's close ends the wait
+            raise error
+
+    store = IntentStore(Closing(tmp_path / "intent.db"))
+    put_app(store, "hello")
+    agent = RecordingAgent()
+    rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600), stop=stop)
+    with capture_logs() as logs:
+        with looping(rt):
+            assert eventually(lambda: waiting.is_set() and agent.converged)
+        for watch in [t for t in threading.enumerate() if t.name == "intent-watch"]:
+            watch.join(10)
+    events = [e["event"] for e in logs]
+    assert "agent.stopped" in events
+    assert "store.unreachable" not in events and "watch.crashed" not in events, events

@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import queue
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -250,11 +251,12 @@ def run_rounds(
     lasts: list[float] = []
     missing = 0
     delta: Counter[tuple[str, str]] = Counter()
-    cpu = 0.0
+    cpu = agents_cpu = 0.0
     others = None
     for r in range(rounds):
         fleet.drain(0.5)
         before, cpu_before = fleet.counts(), cpu_seconds(fleet.consul_pid)
+        agents_before = sum(cpu_seconds(p.pid) for p in fleet.processes)
         version = first_version + r
         started = time.time()
         fleet.store.put_json(keys.config(app, CLUSTER), config(version))
@@ -263,6 +265,7 @@ def run_rounds(
         fleet.drain(1.0)  # reports written after the converge are part of the write's cost
         after = fleet.counts()
         cpu += cpu_seconds(fleet.consul_pid) - cpu_before
+        agents_cpu += sum(cpu_seconds(p.pid) for p in fleet.processes) - agents_before
         delta.update(after)
         delta.subtract(before)
         if times:
@@ -284,6 +287,7 @@ def run_rounds(
         "unrelated_reads": unrelated["read"] / rounds,
         "unrelated_wakes": unrelated["blocking_moved"] / rounds,
         "consul_cpu": cpu / rounds,
+        "agents_cpu": agents_cpu / rounds,
     }
 
 
@@ -302,6 +306,8 @@ def main() -> None:
     binary = find_consul()
     if binary is None:
         sys.exit("no consul binary: run scripts/install-consul")
+    # A TERM must still stop Consul and the workers (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     max_files = raise_file_limit()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
@@ -381,7 +387,7 @@ def main() -> None:
     )
     header = (
         "app         agents  p50 ms  p99 ms  last p50  last max  missed  reads/w  "
-        "wakes/w  blocking/w  writes/w  unrel.reads/w  unrel.wakes/w  consul CPU s/w"
+        "wakes/w  blocking/w  writes/w  unrel.reads/w  unrel.wakes/w  CPU s/w consul  agents"
     )
     print(header)
     for app, r in results.items():
@@ -391,7 +397,7 @@ def main() -> None:
             f"{r['last_p50']:>8.2f}s {r['last_max']:>8.2f}s {r['missing']:>7.0f} "
             f"{r['reads']:>8.0f} {r['blocking_moved']:>8.0f} {r['blocking']:>11.0f} "
             f"{r['writes']:>9.0f} {r['unrelated_reads']:>14.0f} {r['unrelated_wakes']:>14.0f} "
-            f"{r['consul_cpu']:>14.2f}"
+            f"{r['consul_cpu']:>14.2f} {r['agents_cpu']:>7.2f}"
         )
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from preparer_support import free_port
+import pytest
+from preparer_support import free_port, moto_server
 
 from agents.elb_registrar.agent import ElbRegistrar
 from agents.elb_registrar.apply import Settings
@@ -134,6 +135,22 @@ class Cloud:
         else:
             found = self.client("elbv2").describe_tags(ResourceArns=[lb["arn"]])
         return {t["Key"]: t["Value"] for d in found["TagDescriptions"] for t in d["Tags"]}
+
+
+@pytest.fixture(scope="module", name="moto")
+def moto_fixture() -> Iterator[str]:
+    """One moto server per test module (import it with ``cloud_fixture``)."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(name="cloud")
+def cloud_fixture(moto: str) -> Iterator[Cloud]:
+    """moto emptied for the test, and after it."""
+    cloud = Cloud(moto)
+    cloud.reset()
+    yield cloud
+    cloud.reset()  # never leave IAM enforced for the next test
 
 
 class CallCounter:

@@ -35,12 +35,14 @@ from elb_support import (
     HealthApp,
     Node,
     app_intent,
+    cloud_fixture,  # noqa: F401 - the fixture
     credentials,
     health_app,
     imds_server,
+    moto_fixture,  # noqa: F401 - the fixture
     serving,
 )
-from preparer_support import moto_server, wait_for
+from preparer_support import wait_for
 from pydantic import TypeAdapter
 
 from agents.elb_registrar.agent import Identity
@@ -53,20 +55,6 @@ from intent.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 Elb: Any = TypeAdapter(ClassicElb | TargetGroup)
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def cloud(moto: str) -> Iterator[Cloud]:
-    cloud = Cloud(moto)
-    cloud.reset()
-    yield cloud
-    cloud.reset()  # never leave IAM enforced for the next test
 
 
 @pytest.fixture

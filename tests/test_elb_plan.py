@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.elb_registrar import plan as p
-from agents.elb_registrar.observe import classify, drain_token
+from agents.elb_registrar.observe import classify, drain_token, setlive_says
 from agents.elb_registrar.plan import (
     APP_TAG,
     CLUSTER_TAG,
@@ -81,6 +81,11 @@ def kinds(plan: p.Plan) -> list[str]:
         (Local("1", "1", health="unknown"), "hold", False),
         (Local("1", "1", health="unchecked"), "in", False),
         (Local("1", "1", health="healthy"), "in", False),
+        # setlive rolled back from 2 (its gate failed) to 1: 1 serves, and is put back.
+        (Local("2", "1", rolled_back_to="1", health="healthy"), "in", False),
+        (Local("2", "1", rolled_back_to="1", health="unknown"), "hold", False),
+        (Local("2", "2", rolled_back_to="1", health="healthy"), "hold", False),
+        (Local("2", "1", rolled_back_to="1", drain_token="t", health="healthy"), "out", False),
     ],
 )
 def test_decide_puts_the_node_in_only_when_the_active_version_runs_healthy_and_undrained(
@@ -384,6 +389,24 @@ def test_only_a_live_drain_request_from_setlive_counts(
     raw: bytes | None, token: str | None
 ) -> None:
     assert drain_token(raw, now=1000.0) == token
+
+
+@pytest.mark.parametrize(
+    ("raw", "rolled_back_to"),
+    [
+        (b'{"version": "1", "details": {"rolled_back_from": "2"}}', "1"),
+        (b'{"version": null, "details": {"rolled_back_from": "2"}}', None),
+        (b'{"version": "1", "details": {}}', None),
+        (b'{"version": "1", "details": {"rolled_back_from": 2}}', None),
+        (b'{"version": "1", "details": []}', None),
+        (b"[]", None),
+        (None, None),
+    ],
+)
+def test_a_rollback_is_read_from_setlive_report(
+    raw: bytes | None, rolled_back_to: str | None
+) -> None:
+    assert setlive_says(raw, now=1000.0).rolled_back_to == rolled_back_to
 
 
 # -- properties over every combination -------------------------------------------------------

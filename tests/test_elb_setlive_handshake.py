@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from elb_support import FAST, Cloud
-from preparer_support import moto_server
+from elb_support import FAST, Cloud, cloud_fixture, moto_fixture  # noqa: F401
 from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for  # noqa: F401
 from test_setlive_agent import APPS, FAST_HTTP, sha
 
@@ -42,20 +41,6 @@ from intent.store.sqlite import SqliteStore
 
 NODE = "n1"
 LOOP = RuntimeOptions(node=NODE, resync_interval_s=30.0, watch_timeout_s=1.0)
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def cloud(moto: str) -> Iterator[Cloud]:
-    cloud = Cloud(moto)
-    cloud.reset()
-    yield cloud
-    cloud.reset()
 
 
 @dataclass
@@ -78,12 +63,22 @@ class Node:
     def layout(self) -> AppLayout:
         return AppLayout(self.root / "apps" / self.app, self.app)
 
-    def install(self, version: str) -> None:
+    def install(self, version: str, unhealthy: bool = False) -> None:
         """What pp-preparer leaves: the install and its marker."""
         target = self.layout.install_dir(version)
         shutil.copytree(APPS / "httpapp", target, symlinks=False)
+        if unhealthy:
+            (target / "unhealthy").write_text("")  # its /health answers 503
         marker = InstallMarker.of_artifact(self.app, version, sha(version), target, time.time())
         (target / ".pp-installed.json").write_bytes(marker.to_bytes())
+
+    def running_1(self, elb: list[dict[str, Any]], sick_2: bool = False) -> IntentStore:
+        """Versions 1 and 2 installed, 1 active: the store the test writes intent with."""
+        store = self.store()
+        self.install("1")
+        self.install("2", unhealthy=sick_2)
+        self.intent(store, "1", elb)
+        return store
 
     def intent(self, store: IntentStore, active: str, elb: list[dict[str, Any]]) -> None:
         store.put_json(keys.node_app(NODE, self.app), {"cluster": "c"})
@@ -199,10 +194,7 @@ def test_a_switch_drains_the_node_first_and_registers_the_new_version_once_it_pa
     node: Node, cloud: Cloud
 ) -> None:
     lb = cloud.classic("shop-lb")
-    store = node.store()
-    node.install("1")
-    node.install("2")
-    node.intent(store, "1", [lb])
+    store = node.running_1([lb])
     stop = threading.Event()
     with running(node.setlive(drain_wait_s=60.0), node.registrar(stop), stop=stop):
         assert wait_for(
@@ -247,14 +239,42 @@ def test_a_switch_drains_the_node_first_and_registers_the_new_version_once_it_pa
     assert cloud.registered(lb, node.instance) == "InService"
 
 
+def test_a_switch_that_fails_its_gate_rolls_back_and_the_old_version_goes_back_in(
+    node: Node, cloud: Cloud
+) -> None:
+    lb = cloud.classic("shop-lb")
+    store = node.running_1([lb], sick_2=True)
+    stop = threading.Event()
+    with running(node.setlive(drain_wait_s=60.0), node.registrar(stop), stop=stop):
+        assert wait_for(
+            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 60
+        )
+        with Watcher(store, node.app) as watcher:
+            node.intent(store, "2", [lb])
+
+            def rolled_back() -> bool:
+                found = report(store, "setlive", node.app)
+                return found is not None and found.details.get("rolled_back_from") == "2"
+
+            assert wait_for(rolled_back, 60), report(store, "setlive", node.app)
+            # Version 1 serves again: the registrar puts it back, though 2 is active.
+            assert wait_for(
+                lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 60
+            ), report(store, "elb-registrar", node.app)
+
+    asked = watcher.first("setlive", lambda r: "drain_request" in r.details)
+    token = asked.details["drain_request"]["token"]
+    assert watcher.first("elb-registrar", lambda r: r.details.get("drained_for") == token)
+    final = report(store, "setlive", node.app)
+    assert final is not None and final.version == "1" and "drain_request" not in final.details
+    assert cloud.registered(lb, node.instance) == "InService"
+
+
 def test_with_no_registrar_to_answer_setlive_switches_after_the_deadline_and_says_so(
     node: Node, cloud: Cloud
 ) -> None:
     lb = cloud.classic("shop-lb")
-    store = node.store()
-    node.install("1")
-    node.install("2")
-    node.intent(store, "1", [lb])
+    store = node.running_1([lb])
     with running(node.setlive(drain_wait_s=1.5)):
         assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 60)
         with Watcher(store, node.app) as watcher:
@@ -271,10 +291,7 @@ def test_with_no_registrar_to_answer_setlive_switches_after_the_deadline_and_say
 
 
 def test_an_app_without_load_balancers_switches_without_asking(node: Node) -> None:
-    store = node.store()
-    node.install("1")
-    node.install("2")
-    node.intent(store, "1", [])
+    store = node.running_1([])
     with running(node.setlive(drain_wait_s=600.0)):
         assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 60)
         with Watcher(store, node.app) as watcher:

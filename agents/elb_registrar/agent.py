@@ -140,21 +140,23 @@ class ElbRegistrar(Agent):
     # -- the runtime's hooks ----------------------------------------------------------------
 
     def report_input(self, report: Reality) -> object:
-        return report.details.get("drain_request")
+        """A drain request, and a rollback (the version rolled back to serves here)."""
+        rolled_back = report.details.get("rolled_back_from")
+        return report.details.get("drain_request"), rolled_back and report.version
 
     def converge(self, intent: AppIntent) -> Outcome:
         """One app's pass, and when to look again though nothing changes: a live drain
         request when it expires, a registered app's health every ``health_recheck_s``."""
-        request = self._drain_request(intent.app)
-        outcome = self._converge(intent, request)
-        if request is not None:
+        setlive = self._setlive_says(intent.app)
+        outcome = self._converge(intent, setlive)
+        if (request := setlive.drain) is not None:
             return outcome.recheck_after(max(0.0, request.until - time.time()))
         spec = intent.deploy.health_check if intent.deploy is not None else None
         if outcome.details.get("want") == "in" and spec is not None:
             return outcome.recheck_after(max(spec.interval_s, self.settings.health_recheck_s))
         return outcome
 
-    def _converge(self, intent: AppIntent, request: observe.DrainRequest | None) -> Outcome:
+    def _converge(self, intent: AppIntent, setlive: observe.SetliveSays) -> Outcome:
         assert intent.config is not None and intent.deploy is not None and intent.cluster
         app, deploy, cluster = intent.app, intent.deploy, intent.cluster
         try:
@@ -170,10 +172,12 @@ class ElbRegistrar(Agent):
             active=intent.config.active_version,
             current=current,
             drained=intent.drained,
-            drain_token=request.token if request is not None else None,
+            drain_token=setlive.drain.token if setlive.drain is not None else None,
+            rolled_back_to=setlive.rolled_back_to,
         )
-        if wanted and current is not None and current == local.active and not _out(local):
-            # The check decides only when nothing else does, and only on the active version.
+        if wanted and current is not None and current == local.serves and not _out(local):
+            # The check decides only when nothing else does, and only on the version that
+            # should serve (the active one, or the one setlive rolled back to).
             try:
                 check = health.app_check(deploy, layout, current, self.stage)
             except ValueError as exc:
@@ -368,12 +372,12 @@ class ElbRegistrar(Agent):
             return f"{kept}: the store cannot say how many nodes are in service ({exc})"
         return None
 
-    def _drain_request(self, app: str) -> observe.DrainRequest | None:
+    def _setlive_says(self, app: str) -> observe.SetliveSays:
         try:
             raw = self.store.get_raw(keys.reality(self.node, "setlive", app))
         except StoreError:
-            return None
-        return observe.drain_request(raw.value if raw is not None else None, time.time())
+            return observe.SetliveSays()
+        return observe.setlive_says(raw.value if raw is not None else None, time.time())
 
     def _in_service_lately(self, app: str, wanted: Mapping[str, LoadBalancer]) -> bool:
         """Whether AWS said, less than ``describe_every_s`` ago, that this instance is in

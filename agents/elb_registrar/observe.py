@@ -110,15 +110,38 @@ class DrainRequest:
     until: float
 
 
-def drain_request(raw: bytes | None, now: float) -> DrainRequest | None:
-    """A live drain request in setlive's report (``details.drain_request``:
-    ``{"token", "at", "until"}``); a request past its ``until`` is ignored, so a
-    setlive that died mid-switch cannot keep the node out for ever."""
-    if raw is None:
+@dataclass(frozen=True)
+class SetliveSays:
+    """What this agent reads in setlive's report on the app."""
+
+    drain: DrainRequest | None = None
+    """A live drain request (``details.drain_request``: ``{"token", "at", "until"}``); one
+    past its ``until`` is ignored, so a setlive that died mid-switch cannot keep the node
+    out for ever."""
+    rolled_back_to: str | None = None
+    """The version setlive runs after rolling back from the active one
+    (``details.rolled_back_from`` set)."""
+
+
+def setlive_says(raw: bytes | None, now: float) -> SetliveSays:
+    """Setlive's report read leniently: anything malformed says nothing."""
+    try:
+        report = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return SetliveSays()
+    details = report.get("details") if isinstance(report, dict) else None
+    if not isinstance(report, dict) or not isinstance(details, dict):
+        return SetliveSays()
+    version = report.get("version")
+    rolled_back = isinstance(details.get("rolled_back_from"), str) and isinstance(version, str)
+    return SetliveSays(_drain_request(details.get("drain_request"), now),
+                       version if rolled_back else None)  # fmt: skip
+
+
+def _drain_request(request: object, now: float) -> DrainRequest | None:
+    if not isinstance(request, dict):
         return None
     try:
-        report = json.loads(raw)
-        request = report["details"]["drain_request"]
         token, until = request["token"], float(request["until"])
     except (ValueError, TypeError, KeyError):
         return None
@@ -128,8 +151,8 @@ def drain_request(raw: bytes | None, now: float) -> DrainRequest | None:
 
 
 def drain_token(raw: bytes | None, now: float) -> str | None:
-    """The token of a live drain request (see ``drain_request``)."""
-    request = drain_request(raw, now)
+    """The token of a live drain request in setlive's report (see ``SetliveSays``)."""
+    request = setlive_says(raw, now).drain
     return request.token if request is not None else None
 
 

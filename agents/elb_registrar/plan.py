@@ -82,8 +82,17 @@ class Local:
     """``pp drain NODE --app APP``."""
     drain_token: str | None = None
     """A live drain request from setlive, about to switch versions."""
+    rolled_back_to: str | None = None
+    """The version setlive rolled back to when the active one failed its gate: it serves
+    here instead, and is put back in once healthy."""
     health: Health = "unknown"
     health_output: str = ""
+
+    @property
+    def serves(self) -> str | None:
+        """The version that should serve here: the active one, or the one setlive rolled
+        back to from it (never the one it is still switching away from)."""
+        return self.rolled_back_to or self.active
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ def decide(local: Local) -> Want:
         return Want("out", "drained (pp drain)")
     if local.drain_token is not None:
         return Want("out", f"setlive asked for a drain ({local.drain_token})")
-    if local.current != local.active:
+    if local.current != local.serves:
         runs = local.current or "nothing"
         return Want("hold", f"waiting for version {local.active} to run here (runs {runs})")
     if local.health == "unhealthy":
@@ -109,8 +118,8 @@ def decide(local: Local) -> Want:
     if local.health == "unknown":
         return Want("hold", f"health of {local.active} not known yet: {local.health_output}")
     if local.health == "unchecked":
-        return Want("in", f"version {local.active} runs here (no health check)")
-    return Want("in", f"version {local.active} runs here and passes its health check")
+        return Want("in", f"version {local.serves} runs here (no health check)")
+    return Want("in", f"version {local.serves} runs here and passes its health check")
 
 
 def peers_in_service(

@@ -13,15 +13,16 @@ or not at all.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
-import os
 import shutil
 import signal
 import subprocess
 import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +38,14 @@ from agents.system.layout import AppLayout
 from intent import keys
 from intent.cli import bundle, pack
 from intent.model import Reality
-from intent.store import IntentStore
-from intent.store.sqlite import SqliteStore
+from intent.store import IntentStore, open_store
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "platypus"
 NODE = "n1"
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _SCRATCH = Path(tempfile.mkdtemp(prefix="pp-bundles-"))
+atexit.register(shutil.rmtree, _SCRATCH, True)
 
 
 @functools.cache
@@ -59,32 +60,67 @@ def source_snapshot() -> Path:
 
 @functools.cache
 def probe_wheels() -> Path:
-    """Wheels of a tiny dependency, ``ppprobe`` 1.0 and 2.0, built here (no index needed):
-    a release that changes a dependency's version carries the other one."""
+    """Wheels of a tiny dependency, ``ppprobe`` 1.0 and 2.0, written here (no index and
+    no build backend needed: a wheel is a zip with its metadata and a RECORD)."""
     wheels = _SCRATCH / "probe-wheels"
+    wheels.mkdir()
     for version in ("1.0", "2.0"):
-        project = _SCRATCH / f"ppprobe-{version}"
-        (project / "ppprobe").mkdir(parents=True)
-        (project / "ppprobe" / "__init__.py").write_text(f'VERSION = "{version}"\n')
-        (project / "pyproject.toml").write_text(
-            "[build-system]\nrequires = []\nbuild-backend = 'setuptools.build_meta'\n"
-            f"[project]\nname = 'ppprobe'\nversion = '{version}'\n"
-        )
-        subprocess.run(
-            [bundle.sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-             "--wheel-dir", str(wheels), str(project)],
-            check=True, capture_output=True, env=os.environ | {"SOURCE_DATE_EPOCH": "0"},
-        )  # fmt: skip
+        info = f"ppprobe-{version}.dist-info"
+        files = {
+            "ppprobe/__init__.py": f'VERSION = "{version}"\n',
+            f"{info}/METADATA": f"Metadata-Version: 2.1\nName: ppprobe\nVersion: {version}\n",
+            f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+            "Tag: py3-none-any\n",
+        }
+        record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+        with zipfile.ZipFile(wheels / f"ppprobe-{version}-py3-none-any.whl", "w") as wheel:
+            for name, text in {**files, f"{info}/RECORD": record}.items():
+                wheel.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), text)
     return wheels
 
 
 @functools.cache
-def built(name: str, version: str | None = None, probe: str | None = None) -> bundle.Built:
-    extra = [f"ppprobe=={probe}"] if probe else []
-    links = [probe_wheels()] if probe else []
-    return bundle.build(
-        _SCRATCH / "out" / name, version, extra=extra, links=links, source=source_snapshot()
-    )
+def base_tree() -> Path:
+    """A bundle's tree, dependencies installed, without ``VERSION``: laid out once."""
+    tree = _SCRATCH / "base"
+    bundle.lay_out(tree, bundle.default_wheelhouse(), source=source_snapshot())
+    return tree
+
+
+@functools.cache
+def built(name: str) -> bundle.Built:
+    """``repro-a``: the base tree, packed; any other name: a whole new build from the
+    same source (to compare with it)."""
+    out = _SCRATCH / "out" / name
+    if name == "repro-a":
+        return bundle.finish(_copy_of_base(name), out, None)
+    return bundle.build(out, source=source_snapshot())
+
+
+def _copy_of_base(name: str) -> Path:
+    tree = _SCRATCH / "trees" / name
+    shutil.copytree(base_tree(), tree, symlinks=True)
+    return tree
+
+
+@functools.cache
+def release(version: str, probe: str | None = None, broken: bool = False) -> bundle.Built:
+    """A release of the agents: the base tree plus ``ppprobe`` of version ``probe`` (a
+    dependency the base does not have), with a pp-setlive that cannot start if ``broken``."""
+    tree = _copy_of_base(f"release-{version}")
+    if probe is not None:
+        subprocess.run(
+            [bundle.sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+             "--no-compile", "--find-links", str(probe_wheels()), "--target",
+             str(tree / "site"), f"ppprobe=={probe}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        pins = [*(tree / "REQUIREMENTS.txt").read_text().splitlines(), f"ppprobe=={probe}"]
+        (tree / "REQUIREMENTS.txt").write_text("\n".join(sorted(pins)) + "\n")
+    if broken:
+        main = tree / "src" / "agents" / "setlive" / "__main__.py"
+        main.write_text("raise SystemExit('this pp-setlive is broken')\n" + main.read_text())
+    return bundle.finish(tree, _SCRATCH / "out" / f"release-{version}", version)
 
 
 def unpack(tarball: Path, into: Path) -> Path:
@@ -92,18 +128,6 @@ def unpack(tarball: Path, into: Path) -> Path:
     with tarfile.open(tarball) as tar:
         tar.extractall(into, filter="tar")
     return into
-
-
-def broken_bundle(good: Path, version: str, out: Path) -> tuple[Path, str]:
-    """A release whose agents cannot start: pp-setlive's entry point fails to import."""
-    tree = unpack(good, out / "tree")
-    (tree / "VERSION").write_text(version + "\n")
-    main = tree / "src" / "agents" / "setlive" / "__main__.py"
-    main.write_text("raise SystemExit('this release of pp-setlive is broken')\n" + main.read_text())
-    target = out / f"{APP}-{version}.tar.gz"
-    with target.open("wb") as sink:
-        sha = pack.build(tree, sink, mtime=0)
-    return target, sha
 
 
 def _hidden(command: list[str], env: dict[str, str]) -> list[str]:
@@ -122,14 +146,14 @@ class BareHost:
 
     root: Path
     runsvdir: _Runsvdir
+    store_url: str = ""
+    """Default: an embedded store in ``root``."""
+    prefix: str = keys.DEFAULT_PREFIX
     store: IntentStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.store = IntentStore(SqliteStore(self.root / "store.db"))
-
-    @property
-    def store_url(self) -> str:
-        return f"sqlite://{self.root / 'store.db'}"
+        self.store_url = self.store_url or f"sqlite://{self.root / 'store.db'}"
+        self.store = open_store(self.store_url, self.prefix)
 
     @property
     def env(self) -> dict[str, str]:
@@ -151,6 +175,7 @@ class BareHost:
         command = [
             str(bundle_dir / "bin" / "kickstart"),
             "--store", self.store_url,
+            "--prefix", self.prefix,
             "--node", NODE,
             "--runit", str(self.runsvdir.service_dir),
             "--stage", str(self.stage),
@@ -164,7 +189,7 @@ class BareHost:
             _hidden(command, self.env),
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=600,
             cwd=self.root,
             check=False,
         )
@@ -273,15 +298,17 @@ def start_bare_runsvdir() -> _Runsvdir:
 
 
 @contextlib.contextmanager
-def bare_host() -> Iterator[BareHost]:
+def bare_host(store_url: str = "", prefix: str = keys.DEFAULT_PREFIX) -> Iterator[BareHost]:
     handle = start_bare_runsvdir()
-    (handle.root / "host").mkdir(mode=0o755)
-    host = BareHost(handle.root / "host", handle)
+    host = None
     try:
+        (handle.root / "host").mkdir(mode=0o755)
+        host = BareHost(handle.root / "host", handle, store_url, prefix)
         yield host
     finally:
         kill_our_guards(handle.root)
-        host.store.close()
+        if host is not None:
+            host.store.close()
         stop_runsvdir(handle)
         kill_our_guards(handle.root)
 
@@ -294,5 +321,5 @@ def hup(host: BareHost, *agents: str) -> float:
     return since
 
 
-__all__ = ["APP", "NODE", "BareHost", "bare_host", "broken_bundle", "built", "hup", "signal",
+__all__ = ["APP", "NODE", "BareHost", "bare_host", "built", "hup", "release", "signal",
            "unpack", "wait_for"]  # fmt: skip

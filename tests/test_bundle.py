@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from kickstart_support import CLEAN_PATH, built, unpack
 
@@ -19,6 +20,7 @@ from intent.cli import bundle, main
 from intent.cli.group import cli
 
 AGENTS = ("elb-registrar", "iptables", "preparer", "setlive")
+pytestmark = pytest.mark.timeout(900)  # the first test builds the bundles (once per run)
 
 
 def test_the_same_source_builds_the_same_bytes_twice(tmp_path: Path) -> None:

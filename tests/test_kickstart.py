@@ -17,6 +17,8 @@ from kickstart_support import APP, NODE, BareHost, bare_host, built, hup, unpack
 
 from agents.system import runit
 
+pytestmark = pytest.mark.timeout(1800)  # the first test builds the bundle (once per run)
+
 
 @pytest.fixture
 def host() -> Iterator[BareHost]:
@@ -42,11 +44,11 @@ def test_kickstart_from_the_bundle_runs_the_agents_which_then_converge_an_app(
     # The agents run from the install, with the host's python3 and the bundle's
     # dependencies; what they report after a resync, they report themselves.
     for agent in ("preparer", "setlive"):
-        assert wait_for(lambda a=agent: host.runs(a, version), 30), host.describe()  # type: ignore[misc]
+        assert wait_for(lambda a=agent: host.runs(a, version), 180), host.describe()  # type: ignore[misc]
     since = hup(host, "preparer", "setlive")
     for agent in ("preparer", "setlive"):
         assert wait_for(  # type: ignore[misc]
-            lambda a=agent: host.reports_since(a, version, since), 30
+            lambda a=agent: host.reports_since(a, version, since), 180
         ), host.describe()
     assert host.current() == version
     config = json.loads((host.layout.basedir / "agents.json").read_text())
@@ -60,7 +62,7 @@ def test_kickstart_from_the_bundle_runs_the_agents_which_then_converge_an_app(
 
     # The agents converge an app on their own.
     host.put_sample_app("1", host.root / "srv" / "sample")
-    assert wait_for(lambda: host.reports_since("setlive", "1", since, app="sample"), 60), (
+    assert wait_for(lambda: host.reports_since("setlive", "1", since, app="sample"), 180), (
         host.describe()
     )
     assert runit.status(host.stage / "sample").up

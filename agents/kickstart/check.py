@@ -33,7 +33,7 @@ def problems(install: Path) -> list[str]:
     for name in ENTRY_POINTS + DEPENDENCIES:
         try:
             module = importlib.import_module(name)
-        except Exception as exc:  # any failure to import is the finding
+        except (Exception, SystemExit) as exc:  # any failure to import is the finding
             found.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         home = install / ("src" if name in ENTRY_POINTS else "site")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -44,18 +43,20 @@ from agents.system import fs, runit
 from intent import keys
 from intent.artifacts import artifact_url
 from intent.cli import pack
+from intent.cli.bundle import sha256_of
 from intent.store import StoreError, default_store_url, open_store
 
+# bin/check imports every agent and dependency: seconds on an idle host, far more on a
+# busy one; a slow gate only delays a deploy, a gate too short fails good releases.
 HEALTH_CHECK = {
     "type": "exec",
     "interval_s": 0.5,
-    "timeout_s": 20,
+    "timeout_s": 60,
     "healthy_threshold": 2,
     "min_uptime_s": 2,
-    "deadline_s": 60,
+    "deadline_s": 120,
 }
 REQUIRED_AGENTS = ("preparer", "setlive")
-RUNIT_UNIT = "runit.service"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,7 +116,7 @@ def publish(
             raise KickstartError(
                 f"{tarball}: not {APP}-{bundle.version}.tar.gz, the tarball of this tree"
             )
-        sha256 = sha256_file(tarball)
+        sha256 = sha256_of(tarball)
         what = str(tarball)
     else:
         with open(os.devnull, "wb") as sink:
@@ -144,14 +145,6 @@ def publish(
     return sha256
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def publish_file(tarball: Path, sha256: str, repo: str, version: str) -> pack.Published:
     """Copy ``tarball`` into a ``file://`` repo (temp name, then rename); a version
     already there with other bytes is refused: hosts may have installed it."""
@@ -164,7 +157,7 @@ def publish_file(tarball: Path, sha256: str, repo: str, version: str) -> pack.Pu
     dest = Path(unquote(urlsplit(url).path))
     size = tarball.stat().st_size
     if dest.exists():
-        if sha256_file(dest) != sha256:
+        if sha256_of(dest) != sha256:
             raise pack.PackError(
                 f"{dest} already exists with different contents; publish a new version"
             )
@@ -311,24 +304,34 @@ def install_units(config: HostConfig, basedir: Path, dry_run: bool) -> None:
 
 def ensure_runsvdir(config: HostConfig, dry_run: bool) -> None:
     """Apps (and the agents' followers) run under runit: a runsvdir must watch
-    ``--runit``. On a systemd host, Debian's ``runit`` package ships ``runit.service``
-    (runsvdir on /etc/service): it is enabled when nothing watches yet."""
+    ``--runit``. Under ``--init systemd`` one is started as ``platypus-runsvdir.service``
+    when none watches yet (units.py says why not Debian's own unit)."""
     runit_dir = Path(config.runit_dir)
     if runsvdir_watches(runit_dir):
         return
-    if config.init == "systemd" and runit_dir == Path("/etc/service"):
+    if config.init == "systemd":
+        binary = shutil.which("runsvdir")
+        if binary is None:
+            raise KickstartError("runsvdir not found: install runit (apt-get install runit)")
+        unit = Path(config.unit_dir) / units.RUNSVDIR_UNIT
+        text = units.runsvdir_unit_text(binary, runit_dir)
         if dry_run:
-            say(f"would run: systemctl enable --now {RUNIT_UNIT}")
+            say(f"would write {unit} and run: systemctl enable --now {units.RUNSVDIR_UNIT}:")
+            click.echo(text, nl=False)
             return
-        systemctl("enable", "--now", "--quiet", RUNIT_UNIT)
-        say(f"enabled {RUNIT_UNIT} (runsvdir on {runit_dir})")
+        runit_dir.mkdir(parents=True, exist_ok=True)
+        unit.parent.mkdir(parents=True, exist_ok=True)
+        if fs.write_atomic(unit, text.encode(), 0o644):
+            systemctl("daemon-reload")
+        systemctl("enable", "--now", "--quiet", units.RUNSVDIR_UNIT)
+        say(f"started {units.RUNSVDIR_UNIT} (runsvdir on {runit_dir})")
         return
     if dry_run:
         say(f"no runsvdir watches {runit_dir} yet; one must before the agents can start")
         return
     raise KickstartError(
-        f"no runsvdir watches {runit_dir}: start one (systemctl enable --now {RUNIT_UNIT}, "
-        f"or setsid runsvdir -P {runit_dir} &)"
+        f"no runsvdir watches {runit_dir}: start one (setsid runsvdir -P {runit_dir} &, or "
+        "kickstart with --init systemd, which runs it as a unit)"
     )
 
 

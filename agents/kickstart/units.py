@@ -17,6 +17,15 @@
 - Apps keep running under runit (pp-setlive's services); each release's runit service
   for an agent restarts its unit when started and follows it (agents/kickstart/launch.py),
   so pp-setlive and its guard switch the agents as they switch any app's services.
+  ``PP_FOLLOWED_BY`` names that follower to pp-setlive as its own service (under runit
+  it finds it among its ancestors), so it deploys itself the same way: guard first,
+  its own follower restarted last.
+- When no runsvdir watches ``--runit``, ``platypus-runsvdir.service`` runs one. Debian
+  ships runit's own unit in a separate package (``runit-systemd``) that many hosts do
+  not have, and installing it would also change what ``/etc/service`` means to the
+  rest of the host; one unit of our own, for the one directory, changes nothing else.
+  It keeps the default ``KillMode=control-group``: stopping it stops the apps with it,
+  as stopping runit does.
 """
 
 from __future__ import annotations
@@ -44,7 +53,27 @@ ExecStart={basedir}/current/bin/launch/{agent} --unit
 Restart=always
 RestartSec=1
 KillMode=process
-Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONUNBUFFERED=1 PP_FOLLOWED_BY={PREFIX}{agent}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+RUNSVDIR_UNIT = f"{PREFIX}runsvdir.service"
+
+
+def runsvdir_unit_text(runsvdir: str, runit_dir: Path) -> str:
+    return f"""\
+[Unit]
+Description=Platypus: runit supervising the apps in {runit_dir}
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+ExecStart={runsvdir} -P {runit_dir}
+Restart=always
+RestartSec=1
 
 [Install]
 WantedBy=multi-user.target

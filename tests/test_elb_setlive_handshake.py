@@ -41,6 +41,10 @@ from intent.store.sqlite import SqliteStore
 
 NODE = "n1"
 LOOP = RuntimeOptions(node=NODE, resync_interval_s=30.0, watch_timeout_s=1.0)
+PATIENT = FAST_HTTP | {"deadline_s": 60.0}
+"""A loaded host can take many seconds to start the app: a gate ends as soon as it passes."""
+SICK_SOON = FAST_HTTP | {"deadline_s": 8.0}
+"""For a version that never passes: its gate fails at the deadline."""
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Node:
     app: str
     """Its own name per test: the tests share one runsvdir, where a name is one service."""
     port: int = field(default_factory=free_port)
+    health: dict[str, Any] = field(default_factory=lambda: PATIENT)
     stores: list[IntentStore] = field(default_factory=list)
 
     def store(self) -> IntentStore:
@@ -77,6 +82,7 @@ class Node:
         store = self.store()
         self.install("1")
         self.install("2", unhealthy=sick_2)
+        self.health = SICK_SOON if sick_2 else PATIENT
         self.intent(store, "1", elb)
         return store
 
@@ -89,7 +95,7 @@ class Node:
             "basedir": str(self.layout.basedir),
             "run_as": "nobody",
             "ports": [{"name": "http", "port": self.port}],
-            "health_check": FAST_HTTP,
+            "health_check": self.health,
             "elb": elb,
         }
         store.put_json(keys.deploy_config(self.app, "c"), deploy)
@@ -196,9 +202,9 @@ def test_a_switch_drains_the_node_first_and_registers_the_new_version_once_it_pa
     lb = cloud.classic("shop-lb")
     store = node.running_1([lb])
     stop = threading.Event()
-    with running(node.setlive(drain_wait_s=60.0), node.registrar(stop), stop=stop):
+    with running(node.setlive(drain_wait_s=120.0), node.registrar(stop), stop=stop):
         assert wait_for(
-            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 60
+            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 120
         )
         assert converged_on(store, "setlive", node.app, "1")
         assert cloud.registered(lb, node.instance) == "InService"
@@ -207,7 +213,7 @@ def test_a_switch_drains_the_node_first_and_registers_the_new_version_once_it_pa
         with Watcher(store, node.app) as watcher:
             node.intent(store, "2", [lb])
             assert wait_for(
-                lambda: converged_on(store, "elb-registrar", node.app, "2", in_service=True), 90
+                lambda: converged_on(store, "elb-registrar", node.app, "2", in_service=True), 120
             ), report(store, "elb-registrar", node.app)
         assert converged_on(store, "setlive", node.app, "2")
 
@@ -245,9 +251,9 @@ def test_a_switch_that_fails_its_gate_rolls_back_and_the_old_version_goes_back_i
     lb = cloud.classic("shop-lb")
     store = node.running_1([lb], sick_2=True)
     stop = threading.Event()
-    with running(node.setlive(drain_wait_s=60.0), node.registrar(stop), stop=stop):
+    with running(node.setlive(drain_wait_s=120.0), node.registrar(stop), stop=stop):
         assert wait_for(
-            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 60
+            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 120
         )
         with Watcher(store, node.app) as watcher:
             node.intent(store, "2", [lb])
@@ -256,10 +262,10 @@ def test_a_switch_that_fails_its_gate_rolls_back_and_the_old_version_goes_back_i
                 found = report(store, "setlive", node.app)
                 return found is not None and found.details.get("rolled_back_from") == "2"
 
-            assert wait_for(rolled_back, 60), report(store, "setlive", node.app)
+            assert wait_for(rolled_back, 120), report(store, "setlive", node.app)
             # Version 1 serves again: the registrar puts it back, though 2 is active.
             assert wait_for(
-                lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 60
+                lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True), 120
             ), report(store, "elb-registrar", node.app)
 
     asked = watcher.first("setlive", lambda r: "drain_request" in r.details)
@@ -276,10 +282,10 @@ def test_with_no_registrar_to_answer_setlive_switches_after_the_deadline_and_say
     lb = cloud.classic("shop-lb")
     store = node.running_1([lb])
     with running(node.setlive(drain_wait_s=1.5)):
-        assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 60)
+        assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 120)
         with Watcher(store, node.app) as watcher:
             node.intent(store, "2", [lb])
-            assert wait_for(lambda: converged_on(store, "setlive", node.app, "2"), 60)
+            assert wait_for(lambda: converged_on(store, "setlive", node.app, "2"), 120)
 
     asked = watcher.first("setlive", lambda r: "drain_request" in r.details)
     assert "pp-elb-registrar" in (asked.error or "")
@@ -293,8 +299,8 @@ def test_with_no_registrar_to_answer_setlive_switches_after_the_deadline_and_say
 def test_an_app_without_load_balancers_switches_without_asking(node: Node) -> None:
     store = node.running_1([])
     with running(node.setlive(drain_wait_s=600.0)):
-        assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 60)
+        assert wait_for(lambda: converged_on(store, "setlive", node.app, "1"), 120)
         with Watcher(store, node.app) as watcher:
             node.intent(store, "2", [])
-            assert wait_for(lambda: converged_on(store, "setlive", node.app, "2"), 60)
+            assert wait_for(lambda: converged_on(store, "setlive", node.app, "2"), 120)
     assert not any("drain_request" in r.details for r in watcher.seen["setlive"])

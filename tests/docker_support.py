@@ -354,6 +354,24 @@ def push(engine: Engine, repository: str, tag: str) -> str:
     return str(pinned[0])
 
 
+def run_preparer(
+    engine: Engine, store_url: str, node: str, state_dir: Path, *extra: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``pp-preparer --once`` against ``engine`` (its empty Docker config unless ``env``
+    says otherwise), its output as text."""
+    return subprocess.run(
+        [
+            str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "pp-preparer"),
+            *("--store", store_url, "--node", node, "--once", "--log-format", "json"),
+            *("--state-dir", str(state_dir), "--docker-host", engine.url, *extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=engine.env() | env,
+    )
+
+
 _shared: dict[str, object] = {}
 """The session's engine and registry, or why there is none. Test modules import the
 fixtures, and each module's copy would otherwise start an engine of its own."""

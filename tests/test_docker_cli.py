@@ -20,6 +20,9 @@ from intent.store.sqlite import SqliteStore
 
 __all__ = ["docker_engine", "registry"]  # fixtures
 
+# The first test starts the engine and builds and pushes the images (once per run).
+pytestmark = pytest.mark.timeout(900)
+
 REPO = Path(__file__).resolve().parent.parent
 PP_BIN = REPO / ".venv" / "bin" / "pp"
 ONE = f"registry.example:5000/web@sha256:{'1' * 64}"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 import urllib.request
 
+import pytest
 from docker_support import Engine, Registry, build_image, docker_engine, push, registry
 from runit_support import free_port, wait_for
 
 __all__ = ["docker_engine", "registry"]  # fixtures
+
+# The first test starts the engine and builds and pushes the images (once per run).
+pytestmark = pytest.mark.timeout(900)
 
 
 def _links() -> str:

@@ -27,6 +27,7 @@ from docker_support import (
     docker_engine,
     images,
     registry,
+    run_preparer,
     start_registry,
     stop_registry,
 )
@@ -41,6 +42,9 @@ from intent.model import Reality
 from intent.store import open_store
 
 __all__ = ["docker_engine", "images", "registry"]  # fixtures
+
+# The first test starts the engine and builds and pushes the images (once per run).
+pytestmark = pytest.mark.timeout(900)
 
 NODE = "web1"
 
@@ -60,26 +64,8 @@ class World:
         return AppLayout(self.srv / app, app)
 
     def run(self, *extra: str, check: int | None = 0, env: dict[str, str] | None = None) -> str:
-        result = subprocess.run(
-            [
-                str(VENV_BIN / "pp-preparer"),
-                "--store",
-                self.store_url,
-                "--node",
-                NODE,
-                "--once",
-                "--log-format",
-                "json",
-                "--state-dir",
-                str(self.root / "state"),
-                "--docker-host",
-                self.engine.url,
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env or self.engine.env(),
+        result = run_preparer(
+            self.engine, self.store_url, NODE, self.root / "state", *extra, **(env or {})
         )
         if check is not None:
             assert result.returncode == check, result.stderr
@@ -134,6 +120,16 @@ def test_plan_pulls_a_missing_image_and_again_when_the_engine_lost_it() -> None:
     assert plan([want], Observed({"1": lost}, current="1")) == [
         Install("1", DIGEST, "", True, image=IMAGE)
     ]
+
+
+def test_plan_never_replaces_a_running_tarball_install_with_an_image() -> None:
+    want = Wanted("1", DIGEST, None, True, IMAGE)
+    tarball = Present("1", "d" * 64, 1.0)
+    (refused,) = plan([want], Observed({"1": tarball}, current="1"))
+    assert (
+        isinstance(refused, Refuse) and "publish the new bytes as a new version" in refused.reason
+    )
+    assert plan([want], Observed({"1": tarball})) == [Install("1", DIGEST, "", True, image=IMAGE)]
 
 
 def test_plan_refuses_images_outside_allowed_registries_or_when_signatures_are_required() -> None:
@@ -334,7 +330,7 @@ def test_registry_credentials_come_from_the_docker_config(
         world.assign("secret", {"1": active(ref)})
         world.run(check=1)  # the fixture's empty Docker config: no credentials
         assert "no basic auth credentials" in _one_line_error(world, "secret", "1")
-        world.run(env=login)
+        world.run(env={"DOCKER_CONFIG": str(config)})
         assert world.holds(ref)
         assert world.report("secret").details["versions"] == {"1": "installed"}
     finally:

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +19,26 @@ from typing import Any
 
 import pytest
 from docker_support import Engine, Images, docker_engine, images, registry
-from preparer_support import VENV_BIN
 from runit_support import Runsvdir, free_port, require_root, runsvdir, wait_for
 
+from agents.preparer.agent import Preparer
+from agents.preparer.apply import Settings
 from agents.runtime import Runtime, RuntimeOptions
 from agents.setlive.agent import SetliveAgent
 from agents.setlive.container import ContainerSettings
 from agents.setlive.observe import Paths
 from agents.system import runit
+from agents.system.archive import Limits
+from agents.system.fetch import FetchOptions
 from intent import keys
 from intent.cli.operator import unassign
 from intent.model import Reality
 from intent.store import IntentStore, open_store
 
 __all__ = ["docker_engine", "images", "registry", "runsvdir"]  # fixtures
+
+# The first test starts the engine and builds and pushes the images (once per run).
+pytestmark = pytest.mark.timeout(900)
 
 NODE = "n1"
 HEALTH = {
@@ -55,6 +60,7 @@ class Node:
     store: IntentStore
     paths: Paths
     runtime: Runtime
+    preparer: Runtime
 
     def deploy(
         self, app: str, port: int, versions: dict[str, str], active: str | None, **deploy: Any
@@ -81,25 +87,7 @@ class Node:
         )
 
     def prepare(self) -> None:
-        done = subprocess.run(
-            [
-                str(VENV_BIN / "pp-preparer"),
-                "--store",
-                f"sqlite://{self.root / 'store.db'}",
-                "--node",
-                NODE,
-                "--once",
-                "--state-dir",
-                str(self.root / "preparer"),
-                "--docker-host",
-                self.engine.url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=self.engine.env(),
-        )
-        assert done.returncode == 0, done.stderr
+        assert self.preparer.run_pass(force=True)
 
     def converge(self) -> bool:
         return self.runtime.run_pass(force=True)
@@ -123,7 +111,10 @@ class Node:
 
 @pytest.fixture
 def node(
-    runsvdir: Runsvdir, docker_engine: Engine, request: pytest.FixtureRequest
+    runsvdir: Runsvdir,
+    docker_engine: Engine,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Node]:
     require_root()
     root = runsvdir.root / request.node.name[:40]
@@ -138,7 +129,13 @@ def node(
     )
     agent = SetliveAgent(store, NODE, paths, supervise_timeout_s=8.0, lease_ttl_s=10.0)
     runtime = Runtime(agent, store, RuntimeOptions(node=NODE, once=True))
-    yield Node(root, docker_engine, store, paths, runtime)
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker_engine.config_dir))
+    settings = Settings(FetchOptions(timeout_s=1, attempts=1), Limits(1 << 30, 100_000))
+    preparer = Preparer(
+        settings, store=store, node=NODE, state_dir=root / "preparer", docker_host=docker_engine.url
+    )
+    preparer_runtime = Runtime(preparer, store, RuntimeOptions(node=NODE, once=True))
+    yield Node(root, docker_engine, store, paths, runtime, preparer_runtime)
     for service in list(runsvdir.service_dir.iterdir()):
         target = runit.linked_target(runsvdir.service_dir, service.name)
         if target is not None and root in target.parents:
@@ -158,7 +155,7 @@ def get(port: int, path: str = "/health") -> tuple[int, str] | None:
         conn.close()
 
 
-def test_an_image_is_deployed_upgraded_rolled_back_and_removed(node: Node, images: Images) -> None:
+def test_an_image_is_deployed_under_runit_confined_and_removed(node: Node, images: Images) -> None:
     port = free_port()
     node.deploy(
         "web", port, {"1": images.v1, "2": images.v2}, "1", user_config={"TOKEN": "s3cret-value"}
@@ -189,28 +186,34 @@ def test_an_image_is_deployed_upgraded_rolled_back_and_removed(node: Node, image
     cmdline = Path(f"/proc/{client}/cmdline").read_bytes()
     assert b"s3cret-value" not in cmdline, "the app's env must not show in ps"
 
-    # upgrade
-    node.deploy("web", port, {"1": images.v1, "2": images.v2}, "2")
+    # removal stops the service and removes its container
+    unassign(node.store, NODE, ["web"], "test")
+    node.converge()
+    assert wait_for(lambda: node.engine.containers("pp-web-") == [], 20)
+    assert get(port) is None
+
+
+def test_an_image_is_upgraded_and_a_broken_one_rolled_back(node: Node, images: Images) -> None:
+    port = free_port()
+    node.deploy("web", port, {"1": images.v1, "2": images.v2, "3": images.broken}, "1")
+    node.prepare()
+    assert node.converge()
+    assert get(port) == (200, "web 1\n")
+
+    node.deploy("web", port, {"1": images.v1, "2": images.v2, "3": images.broken}, "2")
     assert node.converge()
     assert (node.report("web").status, node.report("web").version) == ("converged", "2")
     assert get(port) == (200, "web 2\n")
     assert wait_for(lambda: node.engine.containers("pp-web-") == ["pp-web-2"], 10)
 
     # a broken image fails its gate and rolls back
-    node.deploy("web", port, {"2": images.v2, "3": images.broken}, "3")
-    node.prepare()
+    node.deploy("web", port, {"1": images.v1, "2": images.v2, "3": images.broken}, "3")
     assert not node.converge()
     report = node.report("web")
     assert report.status == "error" and report.version == "2"
     assert report.error is not None and "rolled back to 2" in report.error
     assert get(port) == (200, "web 2\n")
     assert wait_for(lambda: node.engine.containers("pp-web-") == ["pp-web-2"], 10)
-
-    # removal stops the service and removes its container
-    unassign(node.store, NODE, ["web"], "test")
-    node.converge()
-    assert wait_for(lambda: node.engine.containers("pp-web-") == [], 20)
-    assert get(port) is None
 
 
 def test_a_container_removed_by_hand_or_left_by_a_killed_client_comes_back_alone(
@@ -240,7 +243,8 @@ def test_a_container_removed_by_hand_or_left_by_a_killed_client_comes_back_alone
 
 def test_an_env_value_with_a_line_break_is_refused_by_name(node: Node, images: Images) -> None:
     port = free_port()
-    node.deploy("lines", port, {"1": images.v1}, "1", env={"MOTD": "one\ntwo"})
+    short = {**HEALTH, "port": port, "deadline_s": 5.0}  # it never starts: no need to wait long
+    node.deploy("lines", port, {"1": images.v1}, "1", env={"MOTD": "one\ntwo"}, health_check=short)
     node.prepare()
     assert not node.converge()
     log_dir = node.paths.log_root / "lines"

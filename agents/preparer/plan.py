@@ -149,7 +149,8 @@ def plan(
         present = observed.installs.get(want.version)
         complete = present is not None and present.sha256 == want.sha256
         if want.image is not None:
-            actions.extend(_image(want, present, complete, image_rules or ImageRules()))
+            running = want.version == observed.current
+            actions.extend(_image(want, present, complete, running, image_rules or ImageRules()))
             continue
         if complete and present is not None and not present.legacy:
             continue
@@ -217,16 +218,19 @@ def image_refusal(image: str, rules: ImageRules) -> str | None:
 
 
 def _image(
-    want: Wanted, present: Present | None, complete: bool, rules: ImageRules
+    want: Wanted, present: Present | None, complete: bool, running: bool, rules: ImageRules
 ) -> list[Action]:
     """An image version: pulled again when its install is missing, names another digest,
-    or the engine lost its image. Its install holds only root's notes, so unlike a
-    tarball it may be replaced even while it runs (the engine holds what runs)."""
+    or the engine lost its image. An image install holds only root's notes, so unlike a
+    tarball it may be replaced even while it runs (the engine holds what runs); a
+    tarball's install under the same version name is the app's files, kept while they run."""
     assert want.image is not None
     if refusal := image_refusal(want.image, rules):
         return [Refuse(want.version, refusal)]
     if complete and present is not None and not present.image_missing:
         return []
+    if present is not None and running and present.image is None:
+        return [Refuse(want.version, _running_mismatch(present, want))]
     return [Install(want.version, want.sha256, "", present is not None, image=want.image)]
 
 

@@ -90,17 +90,22 @@ def env_file(env: Mapping[str, str]) -> tuple[bytes, str | None]:
     return "".join(f"{name}={value}\n" for name, value in sorted(env.items())).encode(), None
 
 
-def run_script(
-    *,
-    app: str,
-    service: str,
-    basedir: str,
-    service_dir: Path,
-    config_path: Path,
-    run: ContainerRun,
-    env_error: str | None,
-) -> bytes:
-    current = f"{basedir}/current"
+@dataclass(frozen=True)
+class ImageService:
+    """One image version's service, as ``services.render`` places it."""
+
+    app: str
+    service: str
+    basedir: str
+    service_dir: Path
+    config_path: Path
+    run: ContainerRun
+
+
+def run_script(svc: ImageService, env_error: str | None) -> bytes:
+    app, service, run = svc.app, svc.service, svc.run
+    service_dir, config_path = svc.service_dir, svc.config_path
+    current = f"{svc.basedir}/current"
     q = shlex.quote
     if env_error is not None:
         return f"""#!/bin/sh
@@ -158,29 +163,11 @@ exit 0
 """.encode()
 
 
-def service_files(
-    *,
-    app: str,
-    service: str,
-    basedir: str,
-    service_dir: Path,
-    config_path: Path,
-    run: ContainerRun,
-    env: Mapping[str, str],
-) -> dict[str, tuple[bytes, int]]:
+def service_files(svc: ImageService, env: Mapping[str, str]) -> dict[str, tuple[bytes, int]]:
     """``run``, ``finish`` and the env file of an image service: (content, mode) by path."""
     data, error = env_file(env)
-    script = run_script(
-        app=app,
-        service=service,
-        basedir=basedir,
-        service_dir=service_dir,
-        config_path=config_path,
-        run=run,
-        env_error=error,
-    )
     return {
-        "run": (script, 0o755),
-        FINISH_FILE: (finish_script(app, service, run.settings), 0o755),
+        "run": (run_script(svc, error), 0o755),
+        FINISH_FILE: (finish_script(svc.app, svc.service, svc.run.settings), 0o755),
         ENV_FILE: (data, 0o600),
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.health import ENV_DIR as ENV_DIR
-from agents.setlive.container import ContainerRun, service_files
+from agents.setlive.container import ContainerRun, ImageService, service_files
 from intent.model import ENV_NAME_PATTERN, DeployConfig
 
 OWNER_FILE = "pp-service.json"
@@ -175,15 +175,10 @@ def render(
         for key, value in env.items():
             files[f"{ENV_DIR}/{key}"] = FileSpec(_envdir_value(value), 0o600)
         if container is not None:
-            image_files = service_files(
-                app=app,
-                service=name,
-                basedir=deploy.basedir,
-                service_dir=service_dir,
-                config_path=config_path,
-                run=container,
-                env=env,
+            image_service = ImageService(
+                app, name, deploy.basedir, service_dir, config_path, container
             )
+            image_files = service_files(image_service, env)
             files.update({rel: FileSpec(data, mode) for rel, (data, mode) in image_files.items()})
         digest = definition_digest(files)
         files[f"{ENV_DIR}/{DIGEST_VAR}"] = FileSpec(_envdir_value(digest), 0o600)

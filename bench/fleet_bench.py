@@ -360,16 +360,19 @@ def main() -> None:
             }
             rss = [rss_mb(p.pid) for p in processes]
         finally:
-            for pipe in pipes:
-                pipe.send("stop")
-            for pipe in pipes:
-                pipe.recv()
-            for proc in processes:
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
-            store.close()
-            consul.stop()
+            try:
+                for pipe in pipes:
+                    pipe.send("stop")
+                for pipe in pipes:
+                    if pipe.poll(30):
+                        pipe.recv()
+                for proc in processes:
+                    proc.join(10)
+                    if proc.is_alive():
+                        proc.kill()
+                store.close()
+            finally:
+                consul.stop()
 
     agents_total = args.nodes * args.agents
     print(

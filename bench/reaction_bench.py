@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--profile", type=Path, help="record pp-preparer with py-spy (raw)")
+    parser.add_argument("--keep-log", type=Path, help="copy pp-preparer's JSON log here")
     args = parser.parse_args()
     binary = find_consul()
     if binary is None:
@@ -164,6 +166,8 @@ def main() -> None:
             server.terminate()
             server.wait()
             consul.stop()
+            if args.keep_log:
+                shutil.copyfile(work / "preparer.log", args.keep_log)
 
     def line(name: str, samples: list[float]) -> str:
         ms = sorted(s * 1000 for s in samples)

@@ -4,6 +4,7 @@ For each store (the embedded SQLite store and a real ``consul agent -dev`` on lo
 
 - watch wake-up: a thread blocks in ``wait`` on a prefix; the main thread writes a key
   under it and times until ``wait`` returns (target: within ~100 ms);
+- idle watch: the CPU this process spends while a ``wait`` blocks with nothing written;
 - CAS write: read-modify-write of one key with compare-and-set, one writer;
 - apps_for_node: reading a node's whole intent with ``--apps`` apps assigned.
 
@@ -65,6 +66,15 @@ def watch_wakeups(store: IntentStore, rounds: int) -> list[float]:
     return samples
 
 
+def idle_cpu_ms_per_s(store: IntentStore, seconds: float = 5.0) -> float:
+    """CPU milliseconds per second this process spends while one watch waits idle."""
+    prefix = store.prefix + "bench/idle/"
+    token = store.kv.wait([prefix], None, 0)
+    started = time.process_time()
+    store.kv.wait([prefix], token, seconds)
+    return (time.process_time() - started) * 1000 / seconds
+
+
 def cas_writes(store: IntentStore, rounds: int) -> list[float]:
     key = "bench/cas"
     store.put_json(key, {"n": 0})
@@ -124,6 +134,7 @@ def main() -> None:
             store = make()
             print(f"== {name}")
             print(f"watch wake-up          {summary(watch_wakeups(store, args.rounds))}")
+            print(f"idle watch CPU         {idle_cpu_ms_per_s(store):7.2f} ms per second")
             print(f"CAS read-modify-write  {summary(cas_writes(store, args.rounds))}")
             reads = node_reads(store, args.rounds, args.apps)
             print(f"apps_for_node ({args.apps:>3})  {summary(reads)}")

@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import structlog  # noqa: E402
 from consul_agent import ConsulAgent, find_consul  # noqa: E402
+from consul_requests import RequestCounts  # noqa: E402
 
 from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions  # noqa: E402
 from intent import keys  # noqa: E402
@@ -95,35 +95,6 @@ def config(version: int) -> dict[str, Any]:
 # -- the worker processes ------------------------------------------------------------------
 
 
-class RequestCounter:
-    """Counts the HTTP requests the stores make, per node and kind, from the responses
-    (so a blocking query counts once it answers)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self._lock = threading.Lock()
-
-    def attach(self, store: ConsulStore, node: str) -> None:
-        def on_response(response: Any, *args: Any, **kwargs: Any) -> None:
-            request = response.request
-            query = parse_qs(urlsplit(request.url).query)
-            if request.method != "GET":
-                kind = "write"
-            elif "index" in query:
-                moved = response.headers.get("X-Consul-Index") != query["index"][0]
-                kind = "blocking_moved" if moved else "blocking_idle"
-            else:
-                kind = "read"
-            with self._lock:
-                self.counts[(node, kind)] += 1
-
-        store._client.http.session.hooks["response"].append(on_response)
-
-    def snapshot(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return dict(self.counts)
-
-
 class SimAgent(Agent):
     name = "sim"
 
@@ -143,7 +114,7 @@ def worker(address: str, nodes: list[str], agents: int, events: Any, commands: C
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     threading.stack_size(1 << 20)  # thousands of threads; none recurses deeply
     host, port = address.rsplit(":", 1)
-    counter = RequestCounter()
+    counter = RequestCounts()
     runtimes = []
     for node in nodes:
         for k in range(agents):
@@ -281,11 +252,11 @@ def run_rounds(
         "last_max": max(lasts) if lasts else float("nan"),
         "missing": missing / rounds,
         "reads": every["read"] / rounds,
-        "blocking_moved": every["blocking_moved"] / rounds,
-        "blocking": (every["blocking_moved"] + every["blocking_idle"]) / rounds,
+        "wake": every["wake"] / rounds,
+        "blocking": (every["wake"] + every["idle"]) / rounds,
         "writes": every["write"] / rounds,
         "unrelated_reads": unrelated["read"] / rounds,
-        "unrelated_wakes": unrelated["blocking_moved"] / rounds,
+        "unrelated_wakes": unrelated["wake"] / rounds,
         "consul_cpu": cpu / rounds,
         "agents_cpu": agents_cpu / rounds,
     }
@@ -381,7 +352,7 @@ def main() -> None:
         f"all converged at start in {startup:.1f} s"
     )
     print(
-        f"idle: {idle['blocking_idle'] / args.idle_s:.0f} blocking answers/s, "
+        f"idle: {idle['idle'] / args.idle_s:.0f} blocking answers/s, "
         f"{idle['read'] / args.idle_s:.1f} reads/s, consul {idle_cpu * 100:.0f}% CPU"
     )
     print(
@@ -398,7 +369,7 @@ def main() -> None:
         print(
             f"{app:<10} {agents:>7} {r['p50'] * 1000:>7.0f} {r['p99'] * 1000:>7.0f} "
             f"{r['last_p50']:>8.2f}s {r['last_max']:>8.2f}s {r['missing']:>7.0f} "
-            f"{r['reads']:>8.0f} {r['blocking_moved']:>8.0f} {r['blocking']:>11.0f} "
+            f"{r['reads']:>8.0f} {r['wake']:>8.0f} {r['blocking']:>11.0f} "
             f"{r['writes']:>9.0f} {r['unrelated_reads']:>14.0f} {r['unrelated_wakes']:>14.0f} "
             f"{r['consul_cpu']:>14.2f} {r['agents_cpu']:>7.2f}"
         )

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from consul_requests import RequestCounts
 
 from agents.runtime import Agent, Outcome, Runtime, RuntimeOptions
 from intent import keys
@@ -39,29 +38,6 @@ def eventually(predicate: Callable[[], object], timeout_s: float = 20.0) -> bool
     return bool(predicate())
 
 
-def count_requests(kv: ConsulStore) -> Counter[str]:
-    """Counts kv's answered requests by kind: read, wake (a blocking query whose index
-    moved), idle (one that timed out), write."""
-    counts: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def on_response(response: Any, *args: Any, **kwargs: Any) -> None:
-        request = response.request
-        query = parse_qs(urlsplit(request.url).query)
-        if request.method != "GET":
-            kind = "write"
-        elif "index" in query:
-            moved = response.headers.get("X-Consul-Index") != query["index"][0]
-            kind = "wake" if moved else "idle"
-        else:
-            kind = "read"
-        with lock:
-            counts[kind] += 1
-
-    kv._client.http.session.hooks["response"].append(on_response)
-    return counts
-
-
 class Recorder(Agent):
     name = "recorder"
 
@@ -83,7 +59,8 @@ class Node:
         host, port = address.split(":")
         self.name = name
         self.kv = ConsulStore(host, int(port))
-        self.requests = count_requests(self.kv)
+        self.requests = RequestCounts()
+        self.requests.attach(self.kv)
         self.agent = Recorder()
         self.runtime = Runtime(
             self.agent,
@@ -138,7 +115,7 @@ def reported(store: IntentStore, node: str, app: str, version: str) -> bool:
 def quiet(node: Node, for_s: float = 0.5) -> None:
     """Wait until the node made no request for ``for_s`` (its start-up is over)."""
     last = -1
-    while (now := sum(node.requests.values())) != last:
+    while (now := sum(node.requests.snapshot().values())) != last:
         last = now
         time.sleep(for_s)
 
@@ -191,7 +168,7 @@ def test_the_watch_follows_assignments_as_they_come_and_go(
     writer.delete(keys.node_app("n2", "alpha"))
     assert eventually(lambda: "alpha" not in n2.agent.assigned)
     quiet(n2)
-    before = Counter(n2.requests)
+    before = {kind: n2.requests[kind] for kind in ("read", "wake")}
     writer.put_json(keys.config("alpha", "c"), config("3"))
     assert eventually(lambda: reported(writer, "n1", "alpha", "3"))
     time.sleep(GRACE_S)

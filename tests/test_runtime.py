@@ -92,7 +92,9 @@ def looping(rt: Runtime) -> Iterator[threading.Thread]:
     assert not loop.is_alive()
 
 
-def eventually(predicate: Callable[[], object], timeout_s: float = 10) -> bool:
+def eventually(predicate: Callable[[], object], timeout_s: float = 30) -> bool:
+    """Whether ``predicate`` comes true: the timeout is an upper bound for a loaded
+    machine (a thread may wait seconds for a CPU there), not a timing."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -640,11 +642,19 @@ def test_new_intent_during_an_apps_converge_is_converged_right_after(
         assert eventually(lambda: "hello" in agent.started)
         put_app(store, "hello", "2.0")
         put_app(store, "hello", "3.0")
-        time.sleep(0.2)
+        assert eventually(lambda: taken(rt, "hello") == "3.0")  # the loop read them both
         agent.hold["hello"].set()
         assert eventually(lambda: reported(store, "hello") == ("converged", "3.0", None))
     # The versions written meanwhile collapse into one converge of the latest.
     assert agent.converged == [("hello", "1.0"), ("hello", "3.0")]
+
+
+def taken(rt: Runtime, app: str) -> str | None:
+    """The active version of the latest intent the loop has read for ``app`` (a peek
+    inside the runtime: nothing outside shows it before the converge)."""
+    state = rt._state(app)
+    intent = state.last_good if state is not None else None
+    return intent.config.active_version if intent is not None and intent.config else None
 
 
 class RaisingKV(SqliteStore):
@@ -690,7 +700,7 @@ def test_the_loop_survives_a_failing_read_and_converges_once_it_reads_again(
         time.sleep(0.3)
         assert loop.is_alive() and agent.converged == []
         kv.error = None
-        assert eventually(lambda: agent.converged == [("hello", "1.0")])
+        assert eventually(lambda: agent.converged == [("hello", "1.0")]), agent.converged
 
 
 def test_after_a_store_outage_the_agent_converges_what_changed_meanwhile(
@@ -705,9 +715,9 @@ def test_after_a_store_outage_the_agent_converges_what_changed_meanwhile(
     with looping(rt), capture_logs() as logs:
         assert eventually(lambda: agent.converged == [("hello", "1.0")])
         kv.down = True
-        time.sleep(1.5)  # the watch and a few probes fail
-        put_app(writer, "hello", "2.0")
-        time.sleep(0.5)
+        put_app(writer, "hello", "2.0")  # wakes the agent, which finds its store down
+        assert eventually(lambda: "store.unreachable" in [e["event"] for e in logs])
+        time.sleep(0.5)  # a few more probes fail
         kv.down = False
         assert eventually(lambda: reported(writer, "hello") == ("converged", "2.0", None))
     events = [e["event"] for e in logs]
@@ -776,8 +786,10 @@ def test_the_stop_event_is_shared_with_the_agent(store: IntentStore) -> None:
     class Patient(RecordingAgent):
         converges_in_background = True
         stop = threading.Event()
+        started = threading.Event()
 
         def converge(self, intent: AppIntent) -> Outcome:
+            self.started.set()
             self.stop.wait(30)  # a long step that watches the stop event
             return super().converge(intent)
 
@@ -785,7 +797,7 @@ def test_the_stop_event_is_shared_with_the_agent(store: IntentStore) -> None:
     agent = Patient()
     rt = Runtime(agent, store, RuntimeOptions(node=NODE, stop_grace_s=30), stop=agent.stop)
     with looping(rt) as loop, capture_logs() as logs:
-        time.sleep(0.2)
+        assert agent.started.wait(30)  # stopped in the middle of the step, not before it
         rt.stop()
         loop.join(10)
         assert not loop.is_alive()

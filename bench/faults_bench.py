@@ -11,8 +11,9 @@ against a private runsvdir, with the sample HTTP app probed every 20 ms.
 
 - outage: one persistent Consul server (data kept across restarts) is stopped for
   each outage length, then started again; a deploy is written as soon as it takes
-  writes. Reported: requests the app failed during the outage, and seconds from that
-  deploy to the new version answering.
+  writes. Reported: requests the app failed during the outage, seconds from the
+  store's return to each agent logging ``store.reachable``, and seconds from that
+  deploy to the new version answering. An agent that exits ends the run.
 - leader: a three-server cluster and a client agent (the agents talk to the client
   agent); deploys without a fault, then deploys during which the leader is killed at
   a random moment. Reported: deploy times, the election, the delay added.
@@ -125,8 +126,10 @@ def median(values: list[float]) -> str:
 
 @dataclass
 class OutageRun:
+    asked: int
+    """Requests made to the app while the store was down."""
     failed: int
-    """Requests the app failed while the store was down."""
+    """Of those, the ones the app failed."""
     noticed: list[float]
     """Per agent: seconds from the store electing itself leader again to the agent
     logging ``store.reachable``."""
@@ -152,13 +155,16 @@ def one_outage(n: Node, server: ConsulNode, length: float) -> OutageRun:
         raise SystemExit(f"{version} did not go live:\n{n.describe()}")
     live = time.monotonic() - written
     prober.finish()
+    if exited := [agent for agent, p in n.processes.items() if p.poll() is not None]:
+        raise SystemExit(f"an agent exited during the outage: {exited}\n{n.describe()}")
     if not wait_until(lambda: n.converged(APP, version), 60):
         raise SystemExit(f"{version} did not converge:\n{n.describe()}")
     noticed = []
     for agent in AGENTS:
         seen = logged(n, agent, "store.reachable", down)
         noticed.append(seen[0] - back if seen else float("nan"))
-    return OutageRun(len(prober.failed(APP, down, back)), noticed, live)
+    during = [a for a in prober.answers[APP] if down <= a.at <= back]
+    return OutageRun(len(during), len(prober.failed(APP, down, back)), noticed, live)
 
 
 def outage(outages: list[float], runs: int) -> None:
@@ -168,17 +174,18 @@ def outage(outages: list[float], runs: int) -> None:
         try:
             with node(handle, f"consul://{server.http_addr}") as n:
                 first_deploy(n)
-                print("| outage | runs | requests failed during the outage | store back -> "
+                print("| outage | runs | requests failed / made during the outage | store back -> "
                       "agent notices: median (each) | deploy written as the store returned -> "
                       "new version answers: median (each) |")  # fmt: skip
                 print("|---:|---:|---:|---|---|")
                 for length in outages:
                     results = [one_outage(n, server, length) for _ in range(runs)]
                     failed = sum(r.failed for r in results)
+                    asked = sum(r.asked for r in results)
                     noticed = [t for r in results for t in r.noticed]
                     live = [r.live for r in results]
                     print(
-                        f"| {length:g} s | {runs} | {failed} | {median(noticed)} s "
+                        f"| {length:g} s | {runs} | {failed} / {asked} | {median(noticed)} s "
                         f"({each(noticed)}) | {median(live)} s ({each(live)}) |"
                     )
         finally:

@@ -175,10 +175,18 @@ def ancestry(pid: int | None = None) -> set[int]:
     return pids
 
 
+FOLLOWED_BY_VAR = "PP_FOLLOWED_BY"
+"""Set by the systemd unit a setlive runs as: the runit service that follows that unit
+(restarts it when started; agents/kickstart/launch.py) and so stands for this setlive."""
+
+
 def self_service(app: str, services: dict[str, ServiceObs]) -> str | None:
     mine = ancestry()
+    follower = os.environ.get(FOLLOWED_BY_VAR)
     for name, service in sorted(services.items()):
-        if service.owner == app and service.status.pid is not None and service.status.pid in mine:
+        if service.owner != app:
+            continue
+        if name == follower or (service.status.pid is not None and service.status.pid in mine):
             return name
     return None
 

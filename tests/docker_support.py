@@ -20,6 +20,7 @@ Where no engine can start (no packages, not root) the tests skip with the reason
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -43,6 +44,16 @@ from runit_support import free_port
 REQUIRE_VAR = "PP_REQUIRE_DOCKER"
 BUSYBOX = Path("/bin/busybox")
 START_TIMEOUT_S = 60.0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, however it dies, so a
+    killed test run leaves no engine or registry behind (prctl PR_SET_PDEATHSIG)."""
+    _prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+"""Resolved here, before any fork: the child only calls it."""
 
 
 def missing(reason: str) -> None:
@@ -161,6 +172,7 @@ def _dockerd(root: Path, driver: str) -> subprocess.Popen[bytes]:
         stdout=log,
         stderr=log,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
 
 
@@ -257,6 +269,7 @@ def start_registry(root: Path, users: Mapping[str, str] | None = None) -> Regist
         stdout=log,
         stderr=log,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:

@@ -38,12 +38,13 @@ import click
 import yaml
 
 from agents.kickstart import units
-from agents.kickstart.hostconfig import AGENTS, APP, CLUSTER, INITS, PYTHON_LINK, HostConfig
+from agents.kickstart.hostconfig import CLUSTER, INITS, PYTHON_LINK, HostConfig
 from agents.system import fs, runit
 from intent import keys
 from intent.artifacts import artifact_url
 from intent.cli import pack
-from intent.cli.bundle import sha256_of
+from intent.cli.bundle import AGENTS, sha256_of
+from intent.cli.bundle import NAME as APP
 from intent.store import StoreError, default_store_url, open_store
 
 # bin/check imports every agent and dependency: seconds on an idle host, far more on a

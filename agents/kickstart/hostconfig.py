@@ -19,9 +19,7 @@ FILE_NAME = "agents.json"
 PYTHON_LINK = "python3"
 """``<basedir>/python3``: a link to the interpreter the kickstart ran with, which every
 release's scripts run with (whatever PATH their supervisor gives them)."""
-AGENTS = ("preparer", "setlive", "iptables", "elb-registrar")
 INITS = ("runit", "systemd")
-APP = "platypus"
 CLUSTER = "agents"
 
 

@@ -23,9 +23,10 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from runit_support import Runsvdir as _Runsvdir
@@ -323,3 +324,26 @@ def hup(host: BareHost, *agents: str) -> float:
 
 __all__ = ["APP", "NODE", "BareHost", "bare_host", "built", "hup", "release", "signal",
            "unpack", "wait_for"]  # fmt: skip
+
+
+class _AgentsHost(Protocol):
+    def report(self, agent: str) -> Reality | None: ...
+
+    def runs(self, agent: str, version: str) -> bool: ...
+
+
+def setlive_rolled_back(host: _AgentsHost, to: str, failed: str) -> Callable[[], bool]:
+    """True once pp-setlive reports the rollback from ``failed`` and ``to`` runs it again:
+    the end of a self-deploy whose setlive could not start, under runit or systemd."""
+
+    def rolled_back() -> bool:
+        report = host.report("setlive")
+        return (
+            report is not None
+            and report.status == "error"
+            and report.version == to
+            and report.details.get("rolled_back_from") == failed
+            and host.runs("setlive", to)
+        )
+
+    return rolled_back

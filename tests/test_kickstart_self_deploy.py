@@ -15,7 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kickstart_support import APP, BareHost, bare_host, built, hup, release, unpack, wait_for
+from kickstart_support import (
+    APP,
+    BareHost,
+    bare_host,
+    built,
+    hup,
+    release,
+    setlive_rolled_back,
+    unpack,
+    wait_for,
+)
 
 GUARD_DEADLINE_S = 150  # longer than a good release needs to gate itself on a busy host
 # Bundles built (once per run), three health gates and a guard's deadline.
@@ -103,17 +113,7 @@ def test_the_agents_deploy_a_release_with_new_dependencies_and_roll_back_a_broke
     third = _kickstart(host, broken.path, broken.sha256)
     assert third.returncode == 0, third.stdout + third.stderr
 
-    def rolled_back() -> bool:
-        report = host.report("setlive")
-        return (
-            report is not None
-            and report.status == "error"
-            and report.version == "2"
-            and report.details.get("rolled_back_from") == "3"
-            and host.runs("setlive", "2")
-        )
-
-    assert wait_for(rolled_back, GUARD_DEADLINE_S + 300), host.describe()
+    assert wait_for(setlive_rolled_back(host, "2", "3"), GUARD_DEADLINE_S + 300), host.describe()
     assert host.current() == "2"
     assert _probe_of(host, "setlive") == "2.0"
     guard_log = (host.state_dir / "setlive" / f"{APP}.guard.log").read_text()

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kickstart_support import APP, CLEAN_PATH, NODE, built, release, unpack, wait_for
+from kickstart_support import (
+    APP,
+    CLEAN_PATH,
+    NODE,
+    built,
+    release,
+    setlive_rolled_back,
+    unpack,
+    wait_for,
+)
 from systemd_support import PrivateSystemd, private_systemd, var_lib_root
 
 from agents.setlive.state import StateDir
@@ -157,15 +166,5 @@ def test_agents_run_as_systemd_units_and_deploy_themselves_with_rollback(
     # (KillMode=process) and rolls back to 2.
     host.kickstart(broken.path, broken.sha256)
 
-    def rolled_back() -> bool:
-        report = host.report("setlive")
-        return (
-            report is not None
-            and report.status == "error"
-            and report.version == "2"
-            and report.details.get("rolled_back_from") == "3"
-            and host.runs("setlive", "2")
-        )
-
-    assert wait_for(rolled_back, GUARD_DEADLINE_S + 300), host.describe()
+    assert wait_for(setlive_rolled_back(host, "2", "3"), GUARD_DEADLINE_S + 300), host.describe()
     assert host.current() == "2"

@@ -17,14 +17,10 @@ import docker
 import docker.errors
 import requests
 
-from intent.errors import PlatypusError
+from intent.errors import DockerError as DockerError  # re-exported: raised by every call here
 
 REQUEST_TIMEOUT_S = 600
 """One engine request: a pull or push of a large image is one request streaming progress."""
-
-
-class DockerError(PlatypusError):
-    """An engine or registry operation failed; the message is one line."""
 
 
 def first_line(text: object) -> str:

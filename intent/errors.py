@@ -12,6 +12,9 @@ for whoever debugs with a traceback in hand.
     ├── StoreError                 the store refused (access rules, a bad URL): report
     │   └── StoreUnavailable       the store cannot be reached now: keep what you
     │                              have, retry with backoff
+    ├── DockerError                the Docker engine or a registry failed (``pp pack
+    │                              --docker``, the preparer's image versions); defined
+    │                              here so catching it does not import the docker SDK
     └── the agents' errors, one per outside system they act on (each in its module):
         ├── FetchError             agents/system/fetch.py: a download failed
         │                          (``transient`` ones are retried in place)
@@ -57,3 +60,7 @@ class StoreError(PlatypusError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached right now; callers keep what they have and retry."""
+
+
+class DockerError(PlatypusError):
+    """An engine or registry operation failed; the message is one line."""

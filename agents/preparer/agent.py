@@ -22,13 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from docker import DockerClient
 
 from agents import metrics, statedir
-from agents.preparer import apply, image
+from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import (
     CleanStray,
@@ -40,10 +39,14 @@ from agents.preparer.plan import (
     plan,
 )
 from agents.runtime import Agent, Outcome
-from agents.system import docker, file_url
+from agents.system import file_url
 from agents.system.layout import AppLayout
 from intent.artifacts import artifact_url
+from intent.errors import DockerError
 from intent.store import AppIntent, IntentStore, StoreError
+
+if TYPE_CHECKING:
+    from agents.preparer.image import Images
 
 log = structlog.get_logger()
 
@@ -155,12 +158,14 @@ class Preparer(Agent):
                 return Outcome.failed(f"--state-dir {self.state_dir}: {exc.strerror}")
             if not ours:
                 return Outcome.converging(f"another pp-preparer is working on {app} (lock {lock})")
-            client = None
+            images = None
             try:
-                if any(w.image for w in wanted) or image.has_image_installs(layout):
-                    client = held.enter_context(docker.engine(self.docker_host))
-                return self._converge_locked(app, active, layout, wanted, owner, client)
-            except docker.DockerError as exc:
+                if any(w.image for w in wanted) or layout.has_image_installs():
+                    from agents.preparer.image import Images  # the SDK only when needed
+
+                    images = held.enter_context(Images.open(self.docker_host))
+                return self._converge_locked(app, active, layout, wanted, owner, images)
+            except DockerError as exc:
                 return Outcome.failed(str(exc))
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
@@ -186,12 +191,12 @@ class Preparer(Agent):
         layout: AppLayout,
         wanted: list[Wanted],
         owner: tuple[int, int] | None,
-        client: DockerClient | None = None,
+        images: Images | None = None,
     ) -> Outcome:
         bound = log.bind(app=app)
         actions = plan(
             wanted,
-            observe(layout, image.presence(client) if client is not None else None),
+            observe(layout, images.present if images is not None else None),
             self.keep_old,
             self.local_root,
             self.settings.allowed_sources,
@@ -217,10 +222,10 @@ class Preparer(Agent):
                 except OSError as exc:
                     problems.append(f"cannot remove old install {action.version}: {exc}")
                     continue
-                if action.image is not None and client is not None:
+                if action.image is not None and images is not None:
                     try:
-                        image.remove_unused(client, action.image, self._wanted_images, app)
-                    except docker.DockerError as exc:  # the install is gone; the image waits
+                        images.remove_unused(action.image, self._wanted_images, app)
+                    except DockerError as exc:  # the install is gone; the image waits
                         bound.warning("image.kept", image=action.image, error=str(exc))
                 bound.info("install.removed", version=action.version, reason=action.reason)
             elif isinstance(action, Refuse):
@@ -229,8 +234,8 @@ class Preparer(Agent):
             else:
                 started = time.monotonic()
                 try:
-                    if action.image is not None and client is not None:
-                        done = image.install(layout, action, client)
+                    if action.image is not None and images is not None:
+                        done = images.install(layout, action)
                     else:
                         done = apply.install(layout, action, self.settings, owner)
                 except apply.ApplyError as exc:

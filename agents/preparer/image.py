@@ -11,13 +11,18 @@ replaced even while its version runs.
 Garbage collection removes an image with its install, unless another app on the
 node still wants the same image or a container (running or stopped) was made from
 it: the engine keeps it then, and the log says which container.
+
+The agent imports this module only for an app with image versions: the docker SDK
+(and requests under it) is a fifth of a one-shot preparer's start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 
 import docker as docker_sdk
 import structlog
@@ -30,6 +35,30 @@ from agents.system.layout import IMAGE_FILE, MARKER_NAME, AppLayout, InstallMark
 from intent.image_ref import parse_image
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Images:
+    """The preparer's image operations on one engine, for one converge."""
+
+    client: docker_sdk.DockerClient
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, base_url: str | None) -> Iterator[Images]:
+        """The engine at ``base_url`` (None: the SDK's default); DockerError if unreachable."""
+        with docker.engine(base_url) as client:
+            yield cls(client)
+
+    def present(self, image: str) -> bool:
+        """Whether the engine holds ``image``, for ``observe`` (one inspect per image)."""
+        return docker.image_id_of(self.client, parse_image(image)) is not None
+
+    def install(self, layout: AppLayout, action: Install) -> Installed:
+        return install(layout, action, self.client)
+
+    def remove_unused(self, image: str, wanted: Collection[str], app: str) -> None:
+        remove_unused(self.client, image, wanted, app)
 
 
 def install(layout: AppLayout, action: Install, client: docker_sdk.DockerClient) -> Installed:
@@ -80,20 +109,3 @@ def remove_unused(
         return
     if removed:
         log.info("image.removed", app=app, image=image)
-
-
-def presence(client: docker_sdk.DockerClient) -> Callable[[str], bool]:
-    """Whether the engine holds an image, for ``observe`` (one inspect per image)."""
-
-    def present(image: str) -> bool:
-        return docker.image_id_of(client, parse_image(image)) is not None
-
-    return present
-
-
-def has_image_installs(layout: AppLayout) -> bool:
-    """Whether any install of the app stands for an image (so the engine is needed)."""
-    return any(
-        (marker := layout.read_marker(version)) is not None and marker.image is not None
-        for version in layout.installed_versions()
-    )

@@ -191,6 +191,13 @@ class AppLayout:
         prefix = f"{self.app}_"
         return name[len(prefix) :] if name.startswith(prefix) else None
 
+    def has_image_installs(self) -> bool:
+        """Whether any install of the app stands for an image (so the engine is needed)."""
+        return any(
+            (marker := self.read_marker(version)) is not None and marker.image is not None
+            for version in self.installed_versions()
+        )
+
     def installed_versions(self) -> list[str]:
         """Versions with a directory (not a symlink) under their install name."""
         prefix = f"{self.app}_"

@@ -207,6 +207,24 @@ def test_concatenated_gzip_members_are_one_stream(sandbox: Path) -> None:
     assert (sandbox / "dest" / "b").read_bytes() == b"b"
 
 
+@pytest.mark.parametrize("chunk", [1000, 4093])
+def test_headers_and_data_split_across_decompressed_chunks_are_read_whole(
+    sandbox: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """tarfile reads each header in one call; chunks not a multiple of 512 bytes split
+    headers and data at every boundary, and the reader must join them."""
+    monkeypatch.setattr(archive, "CHUNK", chunk)
+    files = {
+        f"d{i % 3}/f{i}": os.urandom(size) for i, size in enumerate([0, 1, 511, 512, 513, 9999])
+    }
+    artifact = sandbox / "artifact.tar.gz"
+    tree_tarball(artifact, files)
+    extracted = extract(artifact, sandbox / "dest", LIMITS)
+    assert extracted.bytes == sum(len(data) for data in files.values())
+    for name, data in files.items():
+        assert (sandbox / "dest" / name).read_bytes() == data
+
+
 def test_directories_revisited_out_of_order_are_extracted_without_leaking_descriptors(
     sandbox: Path,
 ) -> None:

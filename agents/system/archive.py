@@ -70,7 +70,6 @@ else:
     from backports import tarfile
 
 CHUNK = 1 << 20
-COPY_BUFFER = 1 << 16
 HEADER_ALLOWANCE = 4096
 """Bytes of tar headers and padding allowed per member on top of its data."""
 MAX_EXTENDED_HEADER = 64 << 10
@@ -139,10 +138,12 @@ def extract(
         try:
             with (
                 _Writer(dest, limits, frozenset(reserved)) as writer,
-                _TarStream.open(fileobj=stream, mode="r|") as tar,  # type: ignore[call-overload]
+                # On our reader directly, not through tarfile's own ``_Stream`` ("r|"), which
+                # copies its buffer on every read and reads 10 KiB at a time.
+                _TarStream(fileobj=stream, mode="r") as tar,  # type: ignore[arg-type]
             ):
                 while (member := tar.next()) is not None:
-                    writer.add(member, tar.fileobj)
+                    writer.add(member, stream)
                 writer.finish()
         except lzma.LZMAError as exc:
             if "memory" in str(exc).lower():
@@ -206,7 +207,11 @@ class _TarStream(tarfile.TarFile):
 
     def next(self) -> tarfile.TarInfo | None:
         self._chained = 0
-        return super().next()
+        member = super().next()
+        # A TarFile keeps every member it parsed (CPython before 3.13 even in "r|" mode):
+        # 100,000 of them would hold a hundred megabytes. We need none once parsed.
+        self.members.clear()  # type: ignore[attr-defined]
+        return member
 
     def count_extended_header(self, kind: str, size: int) -> None:
         if size > MAX_EXTENDED_HEADER:
@@ -250,7 +255,7 @@ class _Writer:
     def __exit__(self, *exc: object) -> None:
         self._tree.close()
 
-    def add(self, member: tarfile.TarInfo, source: Any) -> None:
+    def add(self, member: tarfile.TarInfo, source: _ChunkReader) -> None:
         """Write ``member``, whose data (if any) ``source`` reads."""
         path = self._check(member)
         refuse = _refuser(member.name)
@@ -320,7 +325,12 @@ class _Writer:
         return "/".join(parts)
 
     def _file(
-        self, member: tarfile.TarInfo, source: Any, directory: int, leaf: str, refuse: _Refuse
+        self,
+        member: tarfile.TarInfo,
+        source: _ChunkReader,
+        directory: int,
+        leaf: str,
+        refuse: _Refuse,
     ) -> None:
         fd = _replacing(
             directory, leaf, refuse, lambda: os.open(leaf, _NEW_FILE, 0o600, dir_fd=directory)
@@ -508,17 +518,10 @@ def _set_mtime(
         refuse(f"modification time {mtime} out of range")
 
 
-def _copy(source: Any, offset: int, size: int, fd: int) -> None:
+def _copy(source: _ChunkReader, offset: int, size: int, fd: int) -> None:
     """``size`` bytes of member data from the tar stream ``source`` into ``fd``."""
     source.seek(offset)  # where the data starts: a no-op unless tarfile skipped something
-    while size > 0:
-        data = source.read(min(size, COPY_BUFFER))
-        if not data:
-            raise tarfile.ReadError("unexpected end of data")
-        size -= len(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+    source.copy_to(fd, size)
 
 
 def _refuser(name: str, prefix: str = "") -> _Refuse:
@@ -633,6 +636,7 @@ class _ChunkReader:
     def __init__(self, chunks: Iterator[bytes], depth: int = 4) -> None:
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
         self._buffer = memoryview(b"")
+        self._position = 0
         self._done = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -658,7 +662,45 @@ class _ChunkReader:
                 continue
         return False
 
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int) -> None:
+        """Skip forward to ``position`` (tarfile skips the padding after a member's data)."""
+        while position > self._position:
+            if not self.read(min(position - self._position, CHUNK)):
+                raise tarfile.ReadError("unexpected end of data")
+        if position < self._position:
+            raise tarfile.ReadError("seeking backward in a stream")
+
     def read(self, size: int = -1) -> bytes:
+        """``size`` bytes (all that is left with -1), fewer only at the end: tarfile
+        reads a header in one call and takes a short read for a truncated archive."""
+        parts = []
+        wanted = size if size >= 0 else sys.maxsize
+        while wanted > 0 and self._fill():
+            part = self._take(wanted)
+            parts.append(bytes(part))
+            wanted -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def copy_to(self, fd: int, size: int) -> None:
+        """Write the next ``size`` bytes to ``fd`` straight from the chunks, uncopied."""
+        while size > 0:
+            if not self._fill():
+                raise tarfile.ReadError("unexpected end of data")
+            view = self._take(size)
+            size -= len(view)
+            while view:
+                view = view[os.write(fd, view) :]
+
+    def _take(self, size: int) -> memoryview:
+        part, self._buffer = self._buffer[:size], self._buffer[size:]
+        self._position += len(part)
+        return part
+
+    def _fill(self) -> bool:
+        """Whether there are bytes to take (False at the end of the stream)."""
         while not self._buffer and not self._done:
             item = self._queue.get()
             if item is None:
@@ -668,9 +710,7 @@ class _ChunkReader:
                 raise item
             else:
                 self._buffer = memoryview(item)
-        n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        out, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
-        return out
+        return bool(self._buffer)
 
     def close(self) -> None:
         self._stop.set()

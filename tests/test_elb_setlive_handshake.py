@@ -206,8 +206,10 @@ def test_a_switch_drains_the_node_first_and_registers_the_new_version_once_it_pa
         # The first registration needs only the registrar's own health check, so setlive's
         # report of the same version may land a moment after it.
         assert wait_for(
-            lambda: converged_on(store, "elb-registrar", node.app, "1", in_service=True)
-            and converged_on(store, "setlive", node.app, "1"),
+            lambda: (
+                converged_on(store, "elb-registrar", node.app, "1", in_service=True)
+                and converged_on(store, "setlive", node.app, "1")
+            ),
             120,
         )
         assert cloud.registered(lb, node.instance) == "InService"

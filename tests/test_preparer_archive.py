@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pwd
 import stat
 import tarfile
 from pathlib import Path
 
 import pytest
 from preparer_support import member, put_app, snapshot, tree_tarball, write_tar
+from runit_support import require_root
 
 from agents.preparer.agent import Preparer
 from agents.preparer.apply import Settings
@@ -205,6 +207,36 @@ def test_concatenated_gzip_members_are_one_stream(sandbox: Path) -> None:
     artifact.write_bytes(gzip.compress(data[:1024]) + gzip.compress(data[1024:]))
     extract(artifact, sandbox / "dest", LIMITS)
     assert (sandbox / "dest" / "b").read_bytes() == b"b"
+
+
+def test_every_entry_is_made_the_owners_and_the_directory_itself_stays_ours(
+    sandbox: Path,
+) -> None:
+    """Files, directories (listed or implied), symlinks and hard links change hands as
+    they are made; ``dest`` itself is the caller's to open last."""
+    require_root()  # chown needs root; CI (root) fails rather than skips
+    nobody = pwd.getpwnam("nobody")
+    artifact = hostile(
+        sandbox,
+        [
+            member("bin", type=tarfile.DIRTYPE, mode=0o755),
+            member("bin/run", b"#!/bin/sh\n", mode=0o755),
+            member("lib/deep/mod.py", b"x = 1"),
+            member("lib/link", type=tarfile.SYMTYPE, linkname="deep/mod.py"),
+            member("bin/again", type=tarfile.LNKTYPE, linkname="bin/run"),
+        ],
+    )
+    dest = sandbox / "dest"
+    dest.chmod(0o700)
+    extract(artifact, dest, LIMITS, owner=(nobody.pw_uid, nobody.pw_gid))
+    entries = list(dest.rglob("*"))
+    assert len(entries) == 7
+    for path in entries:
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+    assert dest.stat().st_uid == os.geteuid()
+    assert (dest / "lib" / "link").is_symlink()
+    assert (dest / "bin" / "again").stat().st_ino == (dest / "bin" / "run").stat().st_ino
 
 
 @pytest.mark.parametrize("chunk", [1000, 4093])

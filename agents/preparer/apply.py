@@ -145,11 +145,11 @@ def install(
 ) -> Installed:
     """Fetch, verify and extract ``action``'s artifact, then put it in place.
 
-    The tree stays root's and private (0700) until it is complete: extracted, its
-    services read, its marker written, all flushed; only then is it handed to
-    ``owner`` (bottom-up) and renamed into place. Nothing is written by path in a
-    directory the app's user can write: once it owns the tree, its processes may
-    rename anything in it.
+    The tree stays root's and private (0700) until it is complete: extracted (its
+    entries already ``owner``'s, unreachable to them), its services read, its marker
+    written, all flushed; only then is it opened to ``owner`` and renamed into place.
+    Nothing is written by path in a directory the app's user can write: once it owns
+    the tree, its processes may rename anything in it.
 
     ``action.in_place``: the install under the final name is complete but its marker
     predates the record of its services; the artifact is verified again and only
@@ -181,7 +181,11 @@ def install(
                 signature, layout.app, action.version, fetched.sha256, settings.trusted_keys
             )
         workdir.mkdir(mode=0o700)
-        extracted = archive.extract(download, workdir, settings.limits, reserved={MARKER_NAME})
+        # The workdir is private (0700, root's): entries change hands as they are made,
+        # and nobody can reach them until _seal opens the workdir itself.
+        extracted = archive.extract(
+            download, workdir, settings.limits, reserved={MARKER_NAME}, owner=owner
+        )
         download.unlink()
         marker = InstallMarker.of_artifact(
             layout.app, action.version, action.sha256, workdir, time.time()
@@ -213,17 +217,10 @@ def install(
 
 
 def _seal(workdir: Path, marker: InstallMarker, owner: tuple[int, int] | None) -> None:
-    """Complete the private tree and hand it over: contents to ``owner`` (inside a
-    directory only root can enter, so nothing can be swapped under the walk), the
-    marker written as ours, everything flushed, and last the directory itself."""
+    """Complete the private tree, whose contents are ``owner``'s already (extracted so),
+    and hand it over: the marker written as ours, everything flushed, and last the
+    directory itself opened to ``owner``."""
     with fs.open_dir(workdir) as fd:
-        if owner is not None:
-            for name in os.listdir(fd):
-                child = workdir / name
-                if child.is_dir() and not child.is_symlink():
-                    archive.chown_tree(child, *owner)
-                else:
-                    os.lchown(child, *owner)
         fs.write_in(fd, MARKER_NAME, marker.to_bytes())
         # The marker claims completeness: the data must be on disk before the tree can
         # appear under its final name (delayed allocation could leave empty files).

@@ -30,7 +30,10 @@ What a member may be, and what becomes of it:
   symlink or directory), reached the same way; linked with ``linkat`` without
   following. A file hard-linked to itself, as some archivers write, is that file.
 - Devices, fifos, sparse files and other types are refused; ownership in the
-  archive is ignored (everything is ours until ``chown_tree``).
+  archive is ignored. Everything is ours, or ``owner``'s when one is given: each entry
+  is handed over as it is made (on its descriptor, or by name without following),
+  which is safe only because ``dest`` is private (0700, root's) until the caller
+  opens it, so the new owner cannot reach any of it while we write (``_seal``).
 
 Two kinds of bomb are stopped. A decompression bomb: by the sizes and count the
 headers declare, and by counting the bytes actually decompressed (in a thread
@@ -129,15 +132,17 @@ def extract(
     dest: Path,
     limits: Limits,
     reserved: Collection[str] = (),
+    owner: tuple[int, int] | None = None,
 ) -> Extracted:
     """Extract ``archive`` (tar, optionally gzip/xz/bzip2) into the existing ``dest``.
 
     ``reserved`` are top-level names (the install marker's) that the archive may
-    neither create nor put anything under."""
+    neither create nor put anything under. ``owner`` (uid, gid) is given every entry
+    made under ``dest`` (not ``dest`` itself), which must stay private meanwhile."""
     with archive.open("rb") as raw, _decompressed(raw, limits.max_stream_bytes) as stream:
         try:
             with (
-                _Writer(dest, limits, frozenset(reserved)) as writer,
+                _Writer(dest, limits, frozenset(reserved), owner) as writer,
                 # On our reader directly, not through tarfile's own ``_Stream`` ("r|"), which
                 # copies its buffer on every read and reads 10 KiB at a time.
                 _TarStream(fileobj=stream, mode="r") as tar,  # type: ignore[arg-type]
@@ -239,15 +244,22 @@ class _TarStream(tarfile.TarFile):
 class _Writer:
     """Writes members under ``dest`` by the rules in the module docstring."""
 
-    def __init__(self, dest: Path, limits: Limits, reserved: frozenset[str]) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        limits: Limits,
+        reserved: frozenset[str],
+        owner: tuple[int, int] | None,
+    ) -> None:
         self.limits = limits
         self.reserved = reserved
+        self.owner = owner
         self.files = 0
         self.bytes = 0
         self._regular: set[str] = set()
         """Paths holding a regular file this archive wrote: the only hard link sources."""
         self._directory_mtimes: dict[str, float] = {}
-        self._tree = _Tree(dest)
+        self._tree = _Tree(dest, owner)
 
     def __enter__(self) -> _Writer:
         return self
@@ -277,6 +289,8 @@ class _Writer:
             except FileExistsError:
                 if not stat.S_ISDIR(_lstat(directory, leaf)):
                     refuse("a directory where an earlier member put a file or link")
+            else:
+                _give(leaf, self.owner, directory)
             self._directory_mtimes[path] = member.mtime
         else:
             self._symlink(member.linkname, parent, directory, leaf, refuse)
@@ -338,6 +352,7 @@ class _Writer:
         try:
             _copy(source, member.offset_data, member.size, fd)
             os.fchmod(fd, _file_mode(member.mode))
+            _give(fd, self.owner)
             _set_mtime(fd, member.mtime, refuse)
         finally:
             os.close(fd)
@@ -352,6 +367,7 @@ class _Writer:
         if _escapes(posixpath.join(parent, target)):
             refuse(f"link to {target!r}, outside the install")
         _replacing(directory, leaf, refuse, lambda: os.symlink(target, leaf, dir_fd=directory))
+        _give(leaf, self.owner, directory)
 
     def _hard_link(self, member: tarfile.TarInfo, path: str, refuse: _Refuse) -> None:
         target = member.linkname
@@ -403,8 +419,9 @@ class _Tree:
     what its path meant: no re-checks per member.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: tuple[int, int] | None) -> None:
         self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._owner = owner
         self._open: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
@@ -452,6 +469,7 @@ class _Tree:
                 return None
             os.mkdir(name, 0o755, dir_fd=parent)
             fd = os.open(name, _DIRECTORY, dir_fd=parent)
+            _give(fd, self._owner)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -474,6 +492,12 @@ def _replacing(directory: int, leaf: str, refuse: _Refuse, make: Callable[[], _T
             refuse("replaces a directory an earlier member made")
         os.unlink(leaf, dir_fd=directory)
         return make()
+
+
+def _give(entry: int | str, owner: tuple[int, int] | None, directory: int | None = None) -> None:
+    """Hand a new entry (a descriptor, or a name in ``directory``, never followed) over."""
+    if owner is not None:
+        os.chown(entry, *owner, dir_fd=directory, follow_symlinks=directory is None)
 
 
 def _lstat(directory: int, name: str) -> int:
@@ -724,17 +748,3 @@ def _decompressed(raw: BinaryIO, limit: int) -> Iterator[_ChunkReader]:
         yield reader
     finally:
         reader.close()
-
-
-def chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give every entry under ``root``, then ``root`` itself, to ``uid:gid``.
-
-    Bottom-up on purpose: a directory changes hands only after everything in it
-    has, so the new owner (whose processes may already be running) can never
-    swap a directory we are about to descend into for a symlink elsewhere.
-    Links are not followed.
-    """
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames + dirnames:
-            os.lchown(os.path.join(dirpath, name), uid, gid)
-    os.lchown(root, uid, gid)

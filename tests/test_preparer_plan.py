@@ -117,17 +117,17 @@ def test_old_versions_are_removed_keeping_current_and_previous() -> None:
     )  # fmt: skip
     actions = plan([want("5.0")], state, keep_old=1)
     assert actions == [
+        Install("5.0", A, url("5.0"), replace=False),
         Remove("1.0", "no longer in the intent"),
         Remove("4.0", "no longer in the intent"),
-        Install("5.0", A, url("5.0"), replace=False),
     ]
 
 
 def test_keep_old_zero_keeps_only_wanted_and_current() -> None:
     state = observed(present("1.0"), present("2.0"), current="2.0", previous="1.0")
     assert plan([want("3.0")], state, keep_old=0) == [
-        Remove("1.0", "no longer in the intent"),
         Install("3.0", A, url("3.0"), replace=False),
+        Remove("1.0", "no longer in the intent"),
     ]
 
 
@@ -217,9 +217,9 @@ def test_plan_properties(scenario: tuple[list[Wanted], Observed, int]) -> None:
         assert in_place != (version in touched)
         if not in_place and (w.url is None or (found is not None and version == state.current)):
             assert any(isinstance(a, Refuse) and a.version == version for a in actions)
-    # Leftovers first, garbage before installs, active version first among installs.
+    # Leftovers first, installs before garbage, active version first among installs.
     kinds = [type(a).__name__ for a in actions]
-    order = {"CleanStray": 0, "Remove": 1, "Install": 2, "Refuse": 2}
+    order = {"CleanStray": 0, "Install": 1, "Refuse": 1, "Remove": 2}
     assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
     assert [a.name for a in actions if isinstance(a, CleanStray)] == sorted(state.strays)
     installs = [a for a in actions if isinstance(a, Install | Refuse)]

@@ -30,6 +30,7 @@ from agents import metrics, statedir
 from agents.preparer import apply
 from agents.preparer.observe import observe
 from agents.preparer.plan import (
+    Action,
     CleanStray,
     ImageRules,
     Install,
@@ -38,6 +39,7 @@ from agents.preparer.plan import (
     Wanted,
     plan,
 )
+from agents.preparer.progress import FETCHING, PROGRESS_AFTER_S, InstallProgress
 from agents.runtime import Agent, Outcome
 from agents.system import file_url
 from agents.system.layout import AppLayout
@@ -69,6 +71,7 @@ class Preparer(Agent):
         state_dir: Path | None = None,
         stop: threading.Event | None = None,
         docker_host: str | None = None,
+        progress_after_s: float = PROGRESS_AFTER_S,
     ) -> None:
         self.local_root = file_url.repo_root(repo)
         """Where ``file://`` artifacts may be read: beneath a local --repo, nowhere else."""
@@ -88,6 +91,10 @@ class Preparer(Agent):
         self.store = store
         self.node = node
         self.clock = clock
+        self.progress_after_s = progress_after_s
+        """How long an app's installs run before its report says "fetching"."""
+        self._may_have_report: set[str] | None = None
+        """Apps this agent may have a report of (see ``unmanaged``); None: not listed yet."""
         self._conflicts: dict[str, str] = {}
         self._last_success: dict[str, float] = {}
 
@@ -170,14 +177,26 @@ class Preparer(Agent):
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         """Apps whose report is still in ``reality/`` though no longer assigned, so the
-        runtime clears it; their files stay (see the module's docstring)."""
+        runtime clears it; their files stay (see the module's docstring).
+
+        The node's reports are listed only when an app that may have one is not in
+        ``assigned``: at the first pass, and after an app left. Between those, every
+        report this agent writes is of an app assigned at the time, so none can be of
+        an app outside ``assigned``. (A report written by anything else, e.g. another
+        run under the same node name, is cleared by the runtime's resync.)"""
         if self.store is None or self.node is None:
+            return []
+        assigned = set(assigned)
+        if self._may_have_report is not None and self._may_have_report <= assigned:
+            self._may_have_report = assigned
             return []
         try:
             reports = self.store.reality(node=self.node)
         except StoreError:
             return []
-        return sorted({r.app for r in reports if r.agent == self.name} - set(assigned))
+        reported = {r.app for r in reports if r.agent == self.name}
+        self._may_have_report = reported | assigned
+        return sorted(reported - assigned)
 
     def remove(self, app: str) -> Outcome:
         return Outcome.converged()
@@ -193,7 +212,6 @@ class Preparer(Agent):
         owner: tuple[int, int] | None,
         images: Images | None = None,
     ) -> Outcome:
-        bound = log.bind(app=app)
         actions = plan(
             wanted,
             observe(layout, images.present if images is not None else None),
@@ -202,12 +220,46 @@ class Preparer(Agent):
             self.settings.allowed_sources,
             ImageRules(self.settings.allowed_registries, bool(self.settings.trusted_keys)),
         )
-        states = {w.version: "installed" for w in wanted}
+        progress = InstallProgress(
+            {
+                **{w.version: "installed" for w in wanted},
+                **{a.version: FETCHING for a in actions if isinstance(a, Install)},
+            },
+            lambda states: self._report_fetching(app, active, states),
+            self.progress_after_s,
+        )
+        with progress:
+            problems, stopped = self._carry_out(app, actions, layout, owner, images, progress)
+        states = progress.snapshot()
+        if not problems and not stopped:
+            self._last_success[app] = self.clock()
+        details: dict[str, Any] = {
+            "versions": states,
+            "last_success": self._last_success.get(app),
+        }
+        installed = _installed(active, states)
+        if problems:
+            return Outcome.failed("; ".join(problems), installed, **details)
+        if stopped:  # not a failure: no backoff
+            return Outcome.converging(
+                f"stopped before {', '.join(stopped)} was installed", installed, **details
+            )
+        return Outcome.converged(installed, **details)
+
+    def _carry_out(
+        self,
+        app: str,
+        actions: list[Action],
+        layout: AppLayout,
+        owner: tuple[int, int] | None,
+        images: Images | None,
+        progress: InstallProgress,
+    ) -> tuple[list[str], list[str]]:
+        """Carry out the plan, noting each version's state in ``progress``; returns the
+        problems met and the versions the stop event interrupted."""
+        bound = log.bind(app=app)
         problems: list[str] = []
         stopped: list[str] = []
-        pending = [a.version for a in actions if isinstance(a, Install)]
-        if pending:
-            self._progress(app, active, {**states, **dict.fromkeys(pending, "fetching")})
         for action in actions:
             if isinstance(action, CleanStray):
                 try:
@@ -229,7 +281,7 @@ class Preparer(Agent):
                         bound.warning("image.kept", image=action.image, error=str(exc))
                 bound.info("install.removed", version=action.version, reason=action.reason)
             elif isinstance(action, Refuse):
-                states[action.version] = f"error: {action.reason}"
+                progress.set(action.version, f"error: {action.reason}")
                 problems.append(f"{action.version}: {action.reason}")
             else:
                 started = time.monotonic()
@@ -241,16 +293,16 @@ class Preparer(Agent):
                 except apply.ApplyError as exc:
                     if self.stop is not None and self.stop.is_set():
                         # No verdict on the artifact: the next start fetches it again.
-                        states[action.version] = "stopped"
+                        progress.set(action.version, "stopped")
                         stopped.append(action.version)
                         bound.info("install.stopped", version=action.version)
                         continue
-                    states[action.version] = f"error: {exc}"
+                    progress.set(action.version, f"error: {exc}")
                     problems.append(f"{action.version}: {exc}")
                     bound.error("install.failed", version=action.version, error=str(exc))
                     metrics.installed(app, "failed")
                     continue
-                states[action.version] = "installed"
+                progress.set(action.version, "installed")
                 metrics.installed(app, "done", done.bytes_downloaded)
                 bound.info(
                     "install.done",
@@ -261,24 +313,13 @@ class Preparer(Agent):
                     extracted=done.bytes_extracted,
                     signed_by=done.signed_by,
                 )
-        if not problems and not stopped:
-            self._last_success[app] = self.clock()
-        details: dict[str, Any] = {
-            "versions": states,
-            "last_success": self._last_success.get(app),
-        }
-        installed = _installed(active, states)
-        if problems:
-            return Outcome.failed("; ".join(problems), installed, **details)
-        if stopped:  # not a failure: no backoff
-            return Outcome.converging(
-                f"stopped before {', '.join(stopped)} was installed", installed, **details
-            )
-        return Outcome.converged(installed, **details)
+        return problems, stopped
 
-    def _progress(self, app: str, active: str | None, states: dict[str, str]) -> None:
-        """Say 'fetching' while a long download runs (the runtime reports only after)."""
-        fetching = sorted(v for v, state in states.items() if state == "fetching")
+    def _report_fetching(self, app: str, active: str | None, states: dict[str, str]) -> None:
+        """Say what a long install is fetching (the runtime reports only after)."""
+        fetching = sorted(v for v, state in states.items() if state == FETCHING)
+        if not fetching:
+            return  # done the moment the timer fired: the outcome follows
         self.report_progress(
             app,
             Outcome.converging(

@@ -138,13 +138,14 @@ def plan(
 ) -> list[Action]:
     """The actions that bring one app's installs in line with its intent.
 
-    Order matters: leftovers first, then garbage (it frees disk space for the
-    downloads), then installs, the active version before the prepared ones.
-    Nothing at all when everything is in place.
+    Order matters: leftovers first, then installs, the active version before the
+    prepared ones, then garbage: a new version is not kept waiting while old ones are
+    deleted. (A download refused for want of disk space fails this pass; the garbage
+    still goes in it, and the retry finds the room.) Nothing at all when everything
+    is in place.
     """
     by_version = {w.version: w for w in wanted}
     actions: list[Action] = [CleanStray(name) for name in sorted(observed.strays)]
-    actions.extend(_garbage(by_version, observed, keep_old))
     for want in sorted(by_version.values(), key=lambda w: (not w.active, w.version)):
         present = observed.installs.get(want.version)
         complete = present is not None and present.sha256 == want.sha256
@@ -170,6 +171,7 @@ def plan(
             actions.append(Refuse(want.version, _running_mismatch(present, want)))
         else:
             actions.append(Install(want.version, want.sha256, want.url, present is not None))
+    actions.extend(_garbage(by_version, observed, keep_old))
     return actions
 
 

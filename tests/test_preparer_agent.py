@@ -401,6 +401,21 @@ def test_an_unassigned_app_keeps_its_installs_and_loses_its_report(world: World)
     assert world.store.reality(node=NODE, app="hello") == []
 
 
+def test_a_running_agent_clears_the_report_of_an_app_unassigned_since_its_last_pass(
+    world: World,
+) -> None:
+    for app in ("a", "b"):
+        world.assign(app, {"1": active(world.publish(app, "1"))})
+    runtime = Runtime(in_process(world), world.store, RuntimeOptions(node=NODE))
+    assert runtime.run_pass(force=True)
+    assert runtime.run_pass()  # nothing left: the node's reports are not listed again
+    unassign(world.store, NODE, ["a"], "tester")
+    assert runtime.run_pass()  # not a resync: the agent saw "a" leave and looks
+    assert world.store.reality(node=NODE, app="a") == []
+    assert world.report("b").status == "converged"
+    assert world.layout("a").installs.is_dir()  # its files stay
+
+
 # -- signatures ------------------------------------------------------------------------------
 
 

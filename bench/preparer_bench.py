@@ -95,6 +95,22 @@ def timed(command: str) -> float:
     return elapsed
 
 
+# Forks the preparer from a small process and times it there. A child's ru_maxrss counts
+# the RSS of the process it was forked from (the kernel carries the high-water mark
+# across fork and exec), so forking it from this script would report this script's size.
+_LAUNCH = """
+import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+elapsed = time.perf_counter() - started
+with open(sys.argv[1], "w") as out:
+    json.dump([os.waitstatus_to_exitcode(status), elapsed, usage.ru_maxrss], out)
+"""
+
+
 def run_preparer(work: Path, url: str) -> tuple[float, int, float]:
     """Whole-process seconds, peak RSS (KiB) and the install's own seconds."""
     srv = work / "srv"
@@ -105,21 +121,22 @@ def run_preparer(work: Path, url: str) -> tuple[float, int, float]:
         "--once", "--store", f"sqlite://{work / 'intent.db'}", "--node", NODE,
         "--repo", url, "--log-format", "json", "--max-parallel", "1",
     ]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    logs = proc.stderr.read().decode()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    measured = work / "launch.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _LAUNCH, str(measured), *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    logs = result.stderr.decode()
+    status, elapsed, peak_kib = json.loads(measured.read_text())
+    if status != 0:
         raise SystemExit(f"bench: pp-preparer failed:\n{logs[-3000:]}")
     install_s = next(
         json.loads(line)["seconds"]
         for line in logs.splitlines()
         if line.startswith("{") and json.loads(line).get("event") == "install.done"
     )
-    return elapsed, usage.ru_maxrss, float(install_s)
+    return float(elapsed), int(peak_kib), float(install_s)
 
 
 def run_baseline(work: Path, artifact_url: str, tar_sync: bool) -> tuple[float, float]:

@@ -11,12 +11,19 @@ version as the app's active one (the HTTP PUT ``consul kv put`` makes) and times
   pp-preparer (after fetch, sha256 check, extraction and the flush that makes the
   marker's claim true), seen through inotify.
 
+Then where the difference goes, per round, from pp-preparer's own log (its JSON
+lines carry microsecond timestamps, and each converge and install its duration in
+milliseconds): from Consul's answer to the converge starting (the preparer's watch
+answering, its pass and trust check, the hand-over to a worker), from there to the
+install starting (lock, look, plan), and the install itself.
+
     .venv/bin/python bench/reaction_bench.py --rounds 30
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import statistics
@@ -26,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,13 +149,14 @@ def main() -> None:
                 time.sleep(1)
             wakeups = ConsulWakeups(consul.http_addr, store.prefix + keys.cluster(APP, CLUSTER))
             floor, reaction = [], []
+            rounds: list[Round] = []
             for n in range(1, args.rounds + 1):
                 version = str(n)
                 sha = make_artifact(repo, work, version)
                 changes = watch_file(installs / f"{APP}_{version}", suffixes=("",))
                 assert changes is not None, "inotify is needed to time the install"
                 time.sleep(0.2)  # idle between rounds, as a deploy finds a node
-                started = time.perf_counter()
+                started, wall = time.perf_counter(), time.time()
                 store.kv.put(config_key, config(version, sha))
                 while not (installs / f"{APP}_{version}").exists():
                     if not changes.wait(10):
@@ -156,6 +165,7 @@ def main() -> None:
                 changes.close()
                 floor.append(wakeups.first_after(started) - started)
                 reaction.append(done - started)
+                rounds.append(Round(version, wall, floor[-1]))
         finally:
             if spy is not None:
                 subprocess.run(["kill", "-INT", str(spy.pid)], check=False)
@@ -168,6 +178,7 @@ def main() -> None:
             consul.stop()
             if args.keep_log:
                 shutil.copyfile(work / "preparer.log", args.keep_log)
+            stages = where_it_goes(rounds, (work / "preparer.log").read_text())
 
     def line(name: str, samples: list[float]) -> str:
         ms = sorted(s * 1000 for s in samples)
@@ -177,6 +188,55 @@ def main() -> None:
     print(line("Consul's own blocking-query wake-up", floor))
     print(line("write -> install in place", reaction))
     print(line("difference (per round)", [r - f for r, f in zip(reaction, floor, strict=True)]))
+    print("where the difference goes (pp-preparer's log, per round):")
+    for name, samples in stages.items():
+        print(line(f"  {name}", samples))
+
+
+@dataclass(frozen=True)
+class Round:
+    version: str
+    written: float
+    """Wall-clock time of the write (the log's clock)."""
+    consul_s: float
+    """Consul's own wake-up after the write."""
+
+
+def where_it_goes(rounds: list[Round], log: str) -> dict[str, list[float]]:
+    """Each round's stages after Consul's wake-up, from the preparer's JSON log: a
+    converge's start and an install's start are its logged end less its duration."""
+    installs: dict[str, float] = {}
+    install_s: dict[str, float] = {}
+    converges: dict[str, float] = {}
+    for text in log.splitlines():
+        try:
+            event = json.loads(text)
+        except ValueError:
+            continue
+        version = event.get("version")
+        if event.get("event") == "install.done":
+            installs[version] = _when(event["timestamp"])
+            install_s[version] = event["seconds"]
+        elif event.get("event") == "converge.converged" and version not in converges:
+            converges[version] = _when(event["timestamp"]) - event["seconds"]
+    stages: dict[str, list[float]] = {
+        "Consul's answer -> converge starts": [],
+        "converge starts -> install starts": [],
+        "the install": [],
+    }
+    for r in rounds:
+        if r.version not in installs or r.version not in converges:
+            continue
+        answered = r.written + r.consul_s
+        install_starts = installs[r.version] - install_s[r.version]
+        stages["Consul's answer -> converge starts"].append(converges[r.version] - answered)
+        stages["converge starts -> install starts"].append(install_starts - converges[r.version])
+        stages["the install"].append(install_s[r.version])
+    return stages
+
+
+def _when(timestamp: str) -> float:
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def repo_dir(repo: Path) -> Path:

@@ -100,6 +100,8 @@ class Behaviour:
     drop_after: int | None = None
     drop_times: int = 0
     ranges: bool = True
+    pause_after: int | None = None
+    """Send this many bytes of the body, then wait for ``release`` before the rest."""
 
 
 @dataclass
@@ -165,6 +167,11 @@ def _handler(server: ArtifactServer) -> type[http.server.BaseHTTPRequestHandler]
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if behaviour.pause_after is not None:
+                self.wfile.write(body[: behaviour.pause_after])
+                self.wfile.flush()
+                server.release.wait(30)
+                body = body[behaviour.pause_after :]
             self.wfile.write(body)
 
     return Handler

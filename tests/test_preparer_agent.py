@@ -234,6 +234,66 @@ def test_sha_mismatch_fails_that_version_only_and_other_apps_install(world: Worl
     assert world.report("other").status == "converged"
 
 
+def test_a_corrupt_download_is_reported_as_a_digest_mismatch_not_as_a_bad_archive(
+    world: World,
+) -> None:
+    """Extraction starts before the digest is known; a download that is not the artifact
+    is still named for what it is, and leaves nothing behind."""
+    world.publish("hello", "1.0")
+    (world.repo / "hello" / "hello_1.0.tar.gz").write_bytes(b"\x1f\x8b" + os.urandom(50_000))
+    world.assign("hello", {"1.0": active(BAD_SHA)})
+    world.run(check=1)
+    report = world.report("hello")
+    assert report.error is not None and report.error.startswith("1.0: sha256 mismatch")
+    assert os.listdir(world.layout("hello").installs) == []
+
+
+def test_extraction_runs_while_the_download_is_still_arriving(world: World) -> None:
+    """The server stops halfway through the body: files from the first half are already
+    extracted (in the private work directory) before it sends the rest."""
+    big = os.urandom(4 << 20)
+    sha = world.publish("hello", "1.0", {"a/first": b"first", "z/big": big})
+    size = (world.repo / "hello" / "hello_1.0.tar.gz").stat().st_size
+    world.server.behaviours["/hello/hello_1.0.tar.gz"] = Behaviour(pause_after=size // 2)
+    world.assign("hello", {"1.0": active(sha)})
+    installs = world.layout("hello").installs
+    preparer = subprocess.Popen(
+        [str(VENV_BIN / "pp-preparer"), *world.args(), "--fetch-timeout", "30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: any(installs.glob(".pp-tmp-hello_1.0.*/a/first")), 30)
+        assert not world.layout("hello").is_installed("1.0", sha)  # nothing visible yet
+    finally:
+        world.server.release.set()
+        _, errors = preparer.communicate(timeout=60)
+    assert preparer.returncode == 0, errors
+    assert world.layout("hello").is_installed("1.0", sha)
+    assert (world.layout("hello").install_dir("1.0") / "z" / "big").read_bytes() == big
+    assert world.server.count("/hello/hello_1.0.tar.gz") == 1
+
+
+def test_a_download_that_starts_again_is_extracted_from_the_finished_file(
+    world: World,
+) -> None:
+    """A server that cannot resume sends the whole body again: what was extracted from
+    the first attempt is discarded, and the install comes from the complete download."""
+    sha = world.publish("hello", "1.0", {"a/first": b"first", "z/big": os.urandom(1 << 20)})
+    size = (world.repo / "hello" / "hello_1.0.tar.gz").stat().st_size
+    world.server.behaviours["/hello/hello_1.0.tar.gz"] = Behaviour(
+        drop_after=size // 2, drop_times=1, ranges=False
+    )
+    world.assign("hello", {"1.0": active(sha)})
+    world.run()
+    assert world.server.count("/hello/hello_1.0.tar.gz") == 2
+    layout = world.layout("hello")
+    assert layout.is_installed("1.0", sha)
+    assert (layout.install_dir("1.0") / "a" / "first").read_bytes() == b"first"
+    assert os.listdir(layout.installs) == ["hello_1.0"]
+
+
 def test_a_missing_artifact_is_reported_with_its_url(world: World) -> None:
     world.assign("hello", {"1.0": active(BAD_SHA)})
     world.run(check=1)

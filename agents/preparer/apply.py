@@ -20,10 +20,12 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agents.preparer import stream
 from agents.preparer.plan import Install
 from agents.system import archive, fs
 from agents.system.fetch import (
@@ -160,16 +162,29 @@ def install(
     download = workdir.with_name(workdir.name + ".download")
     trash: Path | None = None
     shown = display_url(action.url)
+
+    def extract(source: Path | BinaryIO) -> archive.Extracted:
+        # The workdir is private (0700, root's): entries change hands as they are made,
+        # and nobody can reach them until _seal opens the workdir itself.
+        return archive.extract(
+            source, workdir, settings.limits, reserved={MARKER_NAME}, owner=owner
+        )
+
     try:
         signature = _signature(action.url, settings)
-        with download.open("xb") as sink:
-            fetched = fetch(
+        workdir.mkdir(mode=0o700)
+        fetched, extracted = stream.fetch_extracting(
+            download,
+            lambda sink: fetch(
                 action.url,
                 sink,
                 settings.fetch,
                 max_bytes=settings.limits.max_stream_bytes,
                 space_dir=layout.installs,
-            )
+            ),
+            extract,
+        )
+        # Nothing extracted counts before the digest, and the signature over it, check out.
         if fetched.sha256 != action.sha256:
             raise ApplyError(
                 f"sha256 mismatch: {shown} has {fetched.sha256}, the intent says "
@@ -180,12 +195,13 @@ def install(
             signed_by = verify(
                 signature, layout.app, action.version, fetched.sha256, settings.trusted_keys
             )
-        workdir.mkdir(mode=0o700)
-        # The workdir is private (0700, root's): entries change hands as they are made,
-        # and nobody can reach them until _seal opens the workdir itself.
-        extracted = archive.extract(
-            download, workdir, settings.limits, reserved={MARKER_NAME}, owner=owner
-        )
+        if isinstance(extracted, stream.Restarted):  # what the first attempt wrote is void
+            remove_tree(workdir)
+            workdir.mkdir(mode=0o700)
+            extracted = extract(download)
+        elif isinstance(extracted, Exception):
+            raise extracted
+        assert isinstance(extracted, archive.Extracted)
         download.unlink()
         marker = InstallMarker.of_artifact(
             layout.app, action.version, action.sha256, workdir, time.time()

@@ -128,18 +128,22 @@ class Extracted:
 
 
 def extract(
-    archive: Path,
+    archive: Path | BinaryIO,
     dest: Path,
     limits: Limits,
     reserved: Collection[str] = (),
     owner: tuple[int, int] | None = None,
 ) -> Extracted:
-    """Extract ``archive`` (tar, optionally gzip/xz/bzip2) into the existing ``dest``.
+    """Extract ``archive`` (tar, optionally gzip/xz/bzip2; a file or a stream read
+    once) into the existing ``dest``.
 
     ``reserved`` are top-level names (the install marker's) that the archive may
     neither create nor put anything under. ``owner`` (uid, gid) is given every entry
     made under ``dest`` (not ``dest`` itself), which must stay private meanwhile."""
-    with archive.open("rb") as raw, _decompressed(raw, limits.max_stream_bytes) as stream:
+    with (
+        archive.open("rb") if isinstance(archive, Path) else contextlib.nullcontext(archive) as raw,
+        _decompressed(raw, limits.max_stream_bytes) as stream,
+    ):
         try:
             with (
                 _Writer(dest, limits, frozenset(reserved), owner) as writer,

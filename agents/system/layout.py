@@ -50,7 +50,8 @@ def launch_entries(install_dir: Path) -> tuple[LaunchEntries, str | None]:
     """``bin/launch`` as services, or an error naming what is wrong.
 
     Read by the preparer from the artifact as extracted, while the tree is still
-    root's and private; never from a live install, which the app can change.
+    private (inside root's 0700 work directory); never from a live install, which the
+    app can change.
     """
     launch = install_dir / "bin" / "launch"
     if launch.is_dir():

@@ -45,6 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 APP = "platypus"
 NODE = "n1"
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+GUARD_DEADLINE_S = 150
+"""The self-deploy tests' guard deadline: longer than a good release needs to gate itself
+on a busy host."""
 _SCRATCH = Path(tempfile.mkdtemp(prefix="pp-bundles-"))
 atexit.register(shutil.rmtree, _SCRATCH, True)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from kickstart_support import (
     APP,
+    GUARD_DEADLINE_S,
     BareHost,
     bare_host,
     built,
@@ -27,7 +28,6 @@ from kickstart_support import (
     wait_for,
 )
 
-GUARD_DEADLINE_S = 150  # longer than a good release needs to gate itself on a busy host
 # Bundles built (once per run), three health gates and a guard's deadline.
 pytestmark = pytest.mark.timeout(2400)
 

@@ -20,6 +20,7 @@ import pytest
 from kickstart_support import (
     APP,
     CLEAN_PATH,
+    GUARD_DEADLINE_S,
     NODE,
     built,
     release,
@@ -34,7 +35,6 @@ from agents.system.layout import AppLayout
 from intent.model import Reality
 from intent.store import IntentStore, open_store
 
-GUARD_DEADLINE_S = 150  # longer than a good release needs to gate itself on a busy host
 # Bundles built (once per run), three health gates and a guard's deadline.
 pytestmark = pytest.mark.timeout(2400)
 AGENTS = ("preparer", "setlive")

@@ -210,10 +210,7 @@ def install(
             _remark(layout, action.version, marker)
         else:
             _seal(workdir, marker, owner)
-            if action.replace and final.exists():
-                trash = temp_name(final)
-                os.rename(final, trash)
-            os.rename(workdir, final)
+            trash = put_in_place(workdir, final, action.replace)
         fsync_directory(layout.installs)
         return Installed(action.version, fetched.size, extracted.files, extracted.bytes, signed_by)
     except FetchError as exc:
@@ -230,6 +227,17 @@ def install(
         for leftover in (workdir, trash):
             if leftover is not None:
                 remove_tree(leftover)
+
+
+def put_in_place(workdir: Path, final: Path, replace: bool) -> Path | None:
+    """Rename the complete ``workdir`` to ``final``. With ``replace``, what holds that
+    name is renamed aside first and returned, for the caller to delete at leisure."""
+    trash = None
+    if replace and final.exists():
+        trash = temp_name(final)
+        os.rename(final, trash)
+    os.rename(workdir, final)
+    return trash
 
 
 def _seal(workdir: Path, marker: InstallMarker, owner: tuple[int, int] | None) -> None:

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import docker as docker_sdk
 import structlog
 
-from agents.preparer.apply import ApplyError, Installed, fsync_directory, remove_tree
+from agents.preparer.apply import (
+    ApplyError,
+    Installed,
+    fsync_directory,
+    put_in_place,
+    remove_tree,
+)
 from agents.preparer.plan import Install
 from agents.system import docker, fs
 from agents.system.fs import temp_name
@@ -55,57 +61,44 @@ class Images:
         return docker.image_id_of(self.client, parse_image(image)) is not None
 
     def install(self, layout: AppLayout, action: Install) -> Installed:
-        return install(layout, action, self.client)
+        """Pull ``action.image`` and put its install in place."""
+        assert action.image is not None
+        ref = parse_image(action.image)
+        try:
+            docker.pull(self.client, ref)
+        except docker.DockerError as exc:
+            raise ApplyError(str(exc)) from exc
+        final = layout.install_dir(action.version)
+        workdir = temp_name(final)
+        trash = None
+        marker = InstallMarker.of_image(layout.app, action.version, str(ref), time.time())
+        try:
+            workdir.mkdir(mode=0o700)
+            with fs.open_dir(workdir) as fd:
+                fs.write_in(fd, IMAGE_FILE, f"{ref}\n".encode())
+                fs.write_in(fd, MARKER_NAME, marker.to_bytes())
+                os.fchmod(fd, 0o755)
+                os.fsync(fd)
+            trash = put_in_place(workdir, final, action.replace)
+            fsync_directory(layout.installs)
+        except OSError as exc:
+            raise ApplyError(f"{exc.filename or final}: {exc.strerror or exc}") from exc
+        finally:
+            for leftover in (workdir, trash):
+                if leftover is not None:
+                    remove_tree(leftover)
+        return Installed(action.version, 0, 0, 0, None)
 
     def remove_unused(self, image: str, wanted: Collection[str], app: str) -> None:
-        remove_unused(self.client, image, wanted, app)
-
-
-def install(layout: AppLayout, action: Install, client: docker_sdk.DockerClient) -> Installed:
-    """Pull ``action.image`` and put its install in place."""
-    assert action.image is not None
-    ref = parse_image(action.image)
-    try:
-        docker.pull(client, ref)
-    except docker.DockerError as exc:
-        raise ApplyError(str(exc)) from exc
-    final = layout.install_dir(action.version)
-    workdir = temp_name(final)
-    trash = None
-    marker = InstallMarker.of_image(layout.app, action.version, str(ref), time.time())
-    try:
-        workdir.mkdir(mode=0o700)
-        with fs.open_dir(workdir) as fd:
-            fs.write_in(fd, IMAGE_FILE, f"{ref}\n".encode())
-            fs.write_in(fd, MARKER_NAME, marker.to_bytes())
-            os.fchmod(fd, 0o755)
-            os.fsync(fd)
-        if action.replace and final.exists():
-            trash = temp_name(final)
-            os.rename(final, trash)
-        os.rename(workdir, final)
-        fsync_directory(layout.installs)
-    except OSError as exc:
-        raise ApplyError(f"{exc.filename or final}: {exc.strerror or exc}") from exc
-    finally:
-        for leftover in (workdir, trash):
-            if leftover is not None:
-                remove_tree(leftover)
-    return Installed(action.version, 0, 0, 0, None)
-
-
-def remove_unused(
-    client: docker_sdk.DockerClient, image: str, wanted: Collection[str], app: str
-) -> None:
-    """Remove ``image`` from the engine after its install went, unless ``wanted`` on this
-    node (another app's version may name the same image) or a container uses it."""
-    if image in wanted:
-        log.info("image.kept", app=app, image=image, reason="another version wants it")
-        return
-    try:
-        removed = docker.remove(client, parse_image(image))
-    except docker.ImageInUse as exc:
-        log.info("image.kept", app=app, image=image, reason=str(exc))
-        return
-    if removed:
-        log.info("image.removed", app=app, image=image)
+        """Remove ``image`` from the engine after its install went, unless ``wanted`` on
+        this node (another app's version may name the same image) or a container uses it."""
+        if image in wanted:
+            log.info("image.kept", app=app, image=image, reason="another version wants it")
+            return
+        try:
+            removed = docker.remove(self.client, parse_image(image))
+        except docker.ImageInUse as exc:
+            log.info("image.kept", app=app, image=image, reason=str(exc))
+            return
+        if removed:
+            log.info("image.removed", app=app, image=image)

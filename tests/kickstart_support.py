@@ -48,6 +48,9 @@ CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 GUARD_DEADLINE_S = 150
 """The self-deploy tests' guard deadline: longer than a good release needs to gate itself
 on a busy host."""
+CRASH_LOOP_WAIT_S = 120
+"""How long a release whose pp-setlive cannot start may take to be rolled back: its guard
+gives up on a setlive that keeps exiting well before ``GUARD_DEADLINE_S``."""
 _SCRATCH = Path(tempfile.mkdtemp(prefix="pp-bundles-"))
 atexit.register(shutil.rmtree, _SCRATCH, True)
 
@@ -337,7 +340,8 @@ class _AgentsHost(Protocol):
 
 def setlive_rolled_back(host: _AgentsHost, to: str, failed: str) -> Callable[[], bool]:
     """True once pp-setlive reports the rollback from ``failed`` and ``to`` runs it again:
-    the end of a self-deploy whose setlive could not start, under runit or systemd."""
+    the end of a self-deploy whose setlive could not start, under runit or systemd, given
+    up on by its guard because it kept exiting."""
 
     def rolled_back() -> bool:
         report = host.report("setlive")
@@ -346,6 +350,7 @@ def setlive_rolled_back(host: _AgentsHost, to: str, failed: str) -> Callable[[],
             and report.status == "error"
             and report.version == to
             and report.details.get("rolled_back_from") == failed
+            and "times without finishing its own deploy" in (report.error or "")
             and host.runs("setlive", to)
         )
 

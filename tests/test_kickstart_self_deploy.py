@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from kickstart_support import (
     APP,
+    CRASH_LOOP_WAIT_S,
     GUARD_DEADLINE_S,
     BareHost,
     bare_host,
@@ -113,7 +114,7 @@ def test_the_agents_deploy_a_release_with_new_dependencies_and_roll_back_a_broke
     third = _kickstart(host, broken.path, broken.sha256)
     assert third.returncode == 0, third.stdout + third.stderr
 
-    assert wait_for(setlive_rolled_back(host, "2", "3"), GUARD_DEADLINE_S + 300), host.describe()
+    assert wait_for(setlive_rolled_back(host, "2", "3"), CRASH_LOOP_WAIT_S), host.describe()
     assert host.current() == "2"
     assert _probe_of(host, "setlive") == "2.0"
     guard_log = (host.state_dir / "setlive" / f"{APP}.guard.log").read_text()

@@ -735,7 +735,7 @@ def test_switching_the_bundle_setlive_runs_from_leaves_a_guard_and_restarts_itse
     k = kinds(result)
     assert k.index("SavePending") < k.index("StartGuard") < k.index("SetCurrent")
     guard = next(a for a in result.actions if isinstance(a, p.StartGuard))
-    assert guard == p.StartGuard("2", "1", ("web-agent", "web-worker"), FP)
+    assert guard == p.StartGuard("2", "1", ("web-agent", "web-worker"), FP, "web-agent")
     restarts = [a.name for a in result.actions if isinstance(a, p.RestartService)]
     assert restarts == ["web-worker", "web-agent"]
     assert k[-3:] == ["RestartService", "AwaitHealth", "ClearPending"]

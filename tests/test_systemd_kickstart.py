@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from kickstart_support import (
     APP,
+    CRASH_LOOP_WAIT_S,
     CLEAN_PATH,
     GUARD_DEADLINE_S,
     NODE,
@@ -166,5 +167,5 @@ def test_agents_run_as_systemd_units_and_deploy_themselves_with_rollback(
     # (KillMode=process) and rolls back to 2.
     host.kickstart(broken.path, broken.sha256)
 
-    assert wait_for(setlive_rolled_back(host, "2", "3"), GUARD_DEADLINE_S + 300), host.describe()
+    assert wait_for(setlive_rolled_back(host, "2", "3"), CRASH_LOOP_WAIT_S), host.describe()
     assert host.current() == "2"

@@ -14,7 +14,9 @@ depends on this host:
 - under ``--init systemd`` the agent runs as the unit ``platypus-<agent>.service``, and
   this service follows it: it restarts the unit when started (after pp-setlive moved
   ``current``, or its guard moved it back) and ends when the unit is no longer
-  active, so a release whose agent cannot stay up fails its health gate.
+  active or its agent's process ended (systemd restarting it on its own), so that
+  runit sees what systemd sees: a release whose agent cannot stay up fails its
+  health gate, and a pp-setlive that crash-loops is seen by its guard.
 """
 
 from __future__ import annotations
@@ -65,20 +67,33 @@ def idle(agent: str) -> None:
         signal.pause()
 
 
+def unit_state(unit: str) -> dict[str, str]:
+    shown = subprocess.run(
+        ["systemctl", "show", unit, "-p", "ActiveState", "-p", "SubState", "-p", "NRestarts"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+
 def follow(agent: str) -> None:
     unit = units.unit_name(agent)
     restarted = subprocess.run(["systemctl", "restart", unit], check=False)
     if restarted.returncode != 0:
         sys.exit(f"systemctl restart {unit} failed (exit {restarted.returncode})")
+    # A restart asked for is not counted in NRestarts; the ones systemd makes are.
+    restarts = unit_state(unit).get("NRestarts")
     print(f"restarted {unit}; following it", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         time.sleep(FOLLOW_POLL_S)
-        state = subprocess.run(
-            ["systemctl", "is-active", unit], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        if state not in ("active", "activating", "reloading"):
-            sys.exit(f"{unit} is {state or 'unknown'}")
+        state = unit_state(unit)
+        active = state.get("ActiveState", "")
+        if active not in ("active", "activating", "reloading"):
+            sys.exit(f"{unit} is {active or 'unknown'}")
+        if state.get("SubState") == "auto-restart" or state.get("NRestarts") != restarts:
+            sys.exit(f"pp-{agent} exited; systemd restarts {unit}")
 
 
 def main(argv: list[str]) -> None:

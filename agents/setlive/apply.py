@@ -299,7 +299,8 @@ def start_guard(ctx: ApplyContext, action: StartGuard) -> None:
         "setsid", "-f", sys.executable, "-m", "agents.setlive.guard",
         "--app", ctx.app, "--basedir", str(ctx.layout.basedir),
         "--version", action.target, "--from", action.from_version,
-        "--services", ",".join(action.services), "--stage", str(ctx.paths.stage),
+        "--services", ",".join(action.services), "--self", action.self_service,
+        "--stage", str(ctx.paths.stage),
         "--state-dir", str(ctx.paths.state_dir), "--deadline", f"{deadline:g}",
         "--fingerprint", action.fingerprint,
     ] + (["--retry-token", token] if token else [])  # fmt: skip

@@ -177,12 +177,14 @@ class SavePending:
 class StartGuard:
     """Before setlive switches the bundle it runs from: a detached process that rolls
     ``current`` back and restarts ``services`` unless the new setlive finishes the
-    switch (its pending note cleared) in time."""
+    switch (its pending note cleared) in time, and at once if ``self_service`` (the
+    service that runs setlive) keeps exiting."""
 
     target: str
     from_version: str
     services: tuple[str, ...]
     fingerprint: str
+    self_service: str
 
 
 @dataclass(frozen=True)
@@ -493,9 +495,10 @@ def _switch(
     ``previous`` and ``current``."""
     current = observed.current
     steps: list[Action] = [SavePending(move.target, current)]
-    if observed.self_service in specs and move.deploying and current is not None:
+    self_service = observed.self_service or ""
+    if self_service in specs and move.deploying and current is not None:
         services = tuple(sorted(set(specs) | {r.name for r in retire}))
-        steps.append(StartGuard(move.target, current, services, desired.fingerprint))
+        steps.append(StartGuard(move.target, current, services, desired.fingerprint, self_service))
     if current is not None and move.deploying and _installed(observed, current):
         steps.append(SetPrevious(current))
     steps.append(SetCurrent(move.target))

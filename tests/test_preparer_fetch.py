@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import io
 import os
+import re
 import socket
 import threading
 import time
@@ -59,6 +62,9 @@ class Background:
             self._result.append(call())
         except Exception as exc:
             self._result.append(exc)
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def result(self, timeout_s: float) -> object:
         """What ``call`` returned or raised; it must have ended within ``timeout_s``
@@ -181,6 +187,117 @@ def test_a_fetch_asked_to_stop_before_it_starts_connects_nowhere(server: Artifac
         get(f"{server.url}/app.tar.gz", replace(FAST, stop=stop))
     assert caught.value.stopped
     assert server.requests == []
+
+
+def test_each_of_two_fetches_at_once_ends_by_its_own_deadline_or_stop(
+    stalling: StallingServer,
+) -> None:
+    """The guards of all running fetches share one watcher: ending one fetch leaves
+    the other alone, and each still ends when its own time comes."""
+    stop = threading.Event()
+    stoppable = FetchOptions(timeout_s=60, attempts=1, stop=stop)
+    dripping = Background(lambda: get(f"{stalling.url}/drip/a.tar.gz", stoppable))
+    wait_for(lambda: "/drip/a.tar.gz" in stalling.paths, timeout_s=10)
+    short = FetchOptions(timeout_s=60, attempts=1, deadline_s=1)
+    outcome = bounded(lambda: get(f"{stalling.url}/silent/b.tar.gz", short), timeout_s=30)
+    assert isinstance(outcome, FetchError) and "not complete after 1 s" in str(outcome)
+    assert dripping.running()
+    stop.set()
+    outcome = dripping.result(timeout_s=10)
+    assert isinstance(outcome, FetchError) and outcome.stopped, outcome
+
+
+def guard_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "fetch-guard"]
+
+
+def voluntary_switches(thread: threading.Thread) -> int:
+    """How often ``thread`` has gone to sleep and been woken (Linux counts it)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    counts = re.findall(r"^voluntary_ctxt_switches:\s+(\d+)$", status, re.MULTILINE)
+    return int(counts[0])
+
+
+def test_one_watcher_thread_serves_every_fetch_and_sleeps_while_none_runs(
+    server: ArtifactServer,
+) -> None:
+    get(f"{server.url}/app.tar.gz")
+    watchers = guard_threads()
+    assert len(watchers) == 1  # it lives on, waiting for the next fetch
+    for _ in range(30):
+        get(f"{server.url}/app.tar.gz")
+    assert guard_threads() == watchers
+
+    def idle_for_a_second() -> bool:
+        before = voluntary_switches(watchers[0])
+        time.sleep(1)
+        return voluntary_switches(watchers[0]) == before
+
+    # Once the last fetch is over the watcher waits without a timeout: no wake-ups.
+    wait_for(idle_for_a_second, timeout_s=20)
+
+
+@contextlib.contextmanager
+def redirecting(to: str) -> Iterator[str]:
+    """A loopback server that answers every GET with a 302 to the same path at ``to``."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+            thread.join()
+
+
+def test_a_redirect_is_followed(server: ArtifactServer) -> None:
+    with redirecting(server.url) as url:
+        data, sha, attempts = get(f"{url}/app.tar.gz")
+    assert data == DATA and sha == SHA and attempts == 1
+
+
+def test_setting_stop_ends_a_fetch_redirected_to_a_silent_server(
+    stalling: StallingServer,
+) -> None:
+    """The connection a redirect opens is watched like the first one."""
+    stop = threading.Event()
+    options = FetchOptions(timeout_s=60, attempts=3, backoff_initial_s=0.05, stop=stop)
+    with redirecting(stalling.url) as url:
+        fetching = Background(lambda: get(f"{url}/silent/app.tar.gz", options))
+        wait_for(lambda: stalling.paths == ["/silent/app.tar.gz"], timeout_s=10)
+        stop.set()
+        outcome = fetching.result(timeout_s=10)
+    assert isinstance(outcome, FetchError) and outcome.stopped, outcome
+
+
+def test_the_proxy_is_read_from_the_environment_at_each_fetch(
+    server: ArtifactServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert get(f"{server.url}/app.tar.gz")[0] == DATA
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, server.url)
+    # The artifact server, taken for a proxy, is asked for the whole URL (and has no
+    # file by that name).
+    with pytest.raises(FetchError, match="HTTP 404"):
+        get("http://repo.invalid/app.tar.gz")
+    assert server.requests[-1][1] == "http://repo.invalid/app.tar.gz"
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name)
+    assert get(f"{server.url}/app.tar.gz")[0] == DATA
+    assert server.requests[-1][1] == "/app.tar.gz"
 
 
 def test_404_fails_at_once_without_retrying(server: ArtifactServer) -> None:

@@ -21,9 +21,11 @@ agent from stopping. ``file://`` URLs are read only beneath ``local_root`` (see
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import http.client
 import io
+import math
 import os
 import re
 import shutil
@@ -210,7 +212,9 @@ class _Guard:
     timed out, refuses every later read, and botocore owns its sockets. So a thread
     watches instead and shuts the connection down, which wakes a blocked read at
     once, for every source, and leaves the per-read timeout what it is: the limit
-    on silence.
+    on silence. That thread is the process's one ``_Watcher``, shared by every
+    running fetch: a thread of its own per fetch cost each download its start and
+    its join.
     """
 
     def __init__(self, options: FetchOptions) -> None:
@@ -221,16 +225,13 @@ class _Guard:
         self._wakers: list[Callable[[], None]] = []
         self._sockets: list[socket.socket] = []
         self._ended: FetchError | None = None
-        self._done = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="fetch-guard", daemon=True)
 
     def __enter__(self) -> _Guard:
-        self._watcher.start()
+        _watcher.add(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        self._watcher.join()
+        _watcher.discard(self)
         for sock in self._sockets:
             sock.close()
 
@@ -252,6 +253,11 @@ class _Guard:
                 self._wakers.append(waker)
                 return
         _quietly(waker)
+
+    @property
+    def running(self) -> bool:
+        """Not ended yet (as far as anyone has looked)."""
+        return self._ended is None
 
     def ended(self) -> FetchError | None:
         """Why the fetch must end now, or None while it may go on."""
@@ -286,10 +292,70 @@ class _Guard:
         for waker in wakers:
             _quietly(waker)
 
-    def _watch(self) -> None:
-        while not self._done.wait(max(0.0, min(POLL_S, self.deadline - time.monotonic()))):
-            if self.ended() is not None:
-                return
+
+class _Watcher:
+    """The one thread that ends the running fetches' guards: it looks at each every
+    ``POLL_S`` (a stop event cannot call anyone when it is set) and at the nearest
+    deadline, and sleeps without a timeout while no fetch runs.
+
+    Started by the first fetch (and by the next one should it ever have died). A
+    guard that registers wakes it only when the guard's deadline comes before the
+    thread's next look, so starting a fetch costs a lock and a set insertion, not a
+    thread switch.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._guards: set[_Guard] = set()
+        self._thread: threading.Thread | None = None
+        self._next_look = math.inf
+        """When the thread looks next (monotonic); infinite while it waits for a guard."""
+
+    def add(self, guard: _Guard) -> None:
+        with self._changed:
+            self._guards.add(guard)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-guard", daemon=True)
+                self._thread.start()
+            elif guard.deadline < self._next_look:
+                self._changed.notify()
+
+    def discard(self, guard: _Guard) -> None:
+        # No wake-up: the thread finds the registry empty at its next look, and from
+        # then on waits without a timeout.
+        with self._changed:
+            self._guards.discard(guard)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._guards:
+                    self._next_look = math.inf
+                    self._changed.wait()
+                guards = list(self._guards)
+            # Outside the lock: ending a guard shuts its connections down, and fetches
+            # must not queue behind that to register or leave.
+            for guard in guards:
+                guard.ended()
+            with self._changed:
+                now = time.monotonic()
+                # An ended guard needs no more looks: its deadline, passed, would spin.
+                deadlines = (guard.deadline for guard in self._guards if guard.running)
+                self._next_look = min(now + POLL_S, min(deadlines, default=math.inf))
+                self._changed.wait(self._next_look - now)
+
+
+_watcher = _Watcher()
+
+
+def _new_watcher() -> None:
+    # A forked child has neither the thread nor the parent's fetches, and its copy of
+    # the lock may have been taken by a thread it does not have.
+    global _watcher
+    _watcher = _Watcher()
+
+
+os.register_at_fork(after_in_child=_new_watcher)
 
 
 def _quietly(waker: Callable[[], None]) -> None:
@@ -456,15 +522,17 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(\d+|\*)$")
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
+_opening_for: contextvars.ContextVar[_Guard] = contextvars.ContextVar("fetch_opening_for")
+"""The guard of the fetch whose request this thread's (shared) opener is sending."""
+
+
 class _WatchedConnection(http.client.HTTPConnection):
     """A connection the guard watches from the moment its TCP connection exists: a
     server that never answers holds the client before any response."""
 
-    guard: _Guard
-
     def connect(self) -> None:
         super().connect()
-        self.guard.watch(self.sock)
+        _opening_for.get().watch(self.sock)
 
 
 class _WatchedTLSConnection(http.client.HTTPSConnection, _WatchedConnection):
@@ -475,23 +543,31 @@ class _WatchedTLSConnection(http.client.HTTPSConnection, _WatchedConnection):
 class _WatchedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     """Opens http and https connections as watched ones."""
 
-    def __init__(self, guard: _Guard) -> None:
-        super().__init__()
-        self.guard = guard
-
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._watched(_WatchedConnection), req)
+        return self.do_open(_WatchedConnection, req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._watched(_WatchedTLSConnection), req)
+        return self.do_open(_WatchedTLSConnection, req)
 
-    def _watched(self, kind: type[_WatchedConnection]) -> Callable[..., _WatchedConnection]:
-        def connection(host: str, **kwargs: Any) -> _WatchedConnection:
-            made = kind(host, **kwargs)
-            made.guard = self.guard
-            return made
 
-        return connection
+_openers: dict[frozenset[tuple[str, str]], urllib.request.OpenerDirector] = {}
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's opener (redirects, proxies, errors as exceptions) with the watched
+    handler. Building one makes every default handler, so it is built once per proxy
+    configuration and shared, as ``urlopen`` shares its own: its handlers keep no
+    state between requests, and the guard reaches the connections through
+    ``_opening_for``, which follows the request across its redirects. The proxies
+    are still read from the environment at every request, as a fresh opener would."""
+    proxies = urllib.request.getproxies()
+    key = frozenset(proxies.items())
+    opener = _openers.get(key)
+    if opener is None:
+        proxy_handler = urllib.request.ProxyHandler(proxies)
+        # Racing threads may both build one: they are alike, and either will do.
+        opener = _openers[key] = urllib.request.build_opener(proxy_handler, _WatchedHandler())
+    return opener
 
 
 @dataclass
@@ -507,7 +583,8 @@ class _HttpSource:
             if validator:
                 headers["If-Range"] = validator
         request = urllib.request.Request(self.url, headers=headers)
-        opener = urllib.request.build_opener(_WatchedHandler(self.guard))
+        opener = _opener()
+        opening = _opening_for.set(self.guard)
         try:
             response = opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
@@ -521,6 +598,8 @@ class _HttpSource:
             ) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise _transient(exc) from exc
+        finally:
+            _opening_for.reset(opening)
         start, total = 0, _int(response.headers.get("Content-Length"))
         if response.status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))

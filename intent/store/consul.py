@@ -96,15 +96,26 @@ class ConsulStore(KVStore):
     ) -> None:
         self.address = f"{scheme}://{host}:{port}"
         self._token_source = token_source
+        # requests would look for a .netrc and read the proxy and CA-bundle variables
+        # again on every request (a tenth of a busy agent's CPU): read them once, here.
+        environment = requests.Session().merge_environment_settings(
+            self.address, {}, None, verify, cert
+        )
         self._client: Any = consul.Consul(
             host=host,
             port=port,
             scheme=scheme,
             token=token,
-            verify=verify,
+            verify=environment["verify"],
             cert=cert,
             connections_timeout=timeout,
         )
+        session = self._client.http.session
+        session.trust_env = False
+        session.proxies = environment["proxies"]
+        # Consul gzips larger answers if asked; over loopback or to the node's own
+        # client agent that costs both ends CPU and saves nothing.
+        session.headers["Accept-Encoding"] = "identity"
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; ours decides.
         self._client.token = token
         self._sessions: dict[tuple[str, str], str] = {}
@@ -120,7 +131,7 @@ class ConsulStore(KVStore):
             pool_connections=1, pool_maxsize=watch_connections + PLAIN_CONNECTIONS
         )
         for scheme_prefix in ("http://", "https://"):
-            self._client.http.session.mount(scheme_prefix, adapter)
+            session.mount(scheme_prefix, adapter)
 
     # -- construction -----------------------------------------------------------------------
 

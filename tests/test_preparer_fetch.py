@@ -28,7 +28,11 @@ from agents.system.fetch import (
     signature_url,
 )
 
-FAST = FetchOptions(timeout_s=0.5, attempts=3, backoff_initial_s=0.05, backoff_max_s=0.1)
+FAST = FetchOptions(timeout_s=30, attempts=3, backoff_initial_s=0.05, backoff_max_s=0.1)
+"""Quick retries, and a read timeout that a loaded machine cannot reach by accident:
+the tests of the timeout shorten it themselves."""
+STALL_S = 120
+"""A stall that only the read timeout (or the server's end) cuts short."""
 DATA = os.urandom(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()
 
@@ -88,20 +92,22 @@ def test_http_fetch_streams_and_hashes_in_one_pass(server: ArtifactServer) -> No
 
 
 def test_a_stalled_server_times_out_and_the_retry_succeeds(server: ArtifactServer) -> None:
-    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=10, stall_times=1)
+    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=STALL_S, stall_times=1)
+    options = replace(FAST, timeout_s=2)
     started = time.monotonic()
-    data, sha, attempts = get(f"{server.url}/app.tar.gz")
+    data, sha, attempts = get(f"{server.url}/app.tar.gz", options)
     assert data == DATA and sha == SHA and attempts == 2
-    assert FAST.timeout_s <= time.monotonic() - started < 5
+    assert options.timeout_s <= time.monotonic() - started < STALL_S / 2
 
 
 def test_a_server_that_always_stalls_fails_after_the_attempts(server: ArtifactServer) -> None:
-    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=10, stall_times=99)
+    server.behaviours["/app.tar.gz"] = Behaviour(stall_s=STALL_S, stall_times=99)
+    options = replace(FAST, timeout_s=0.5)
     started = time.monotonic()
     with pytest.raises(FetchError, match="timed out") as caught:
-        get(f"{server.url}/app.tar.gz")
-    assert server.count("/app.tar.gz") == FAST.attempts
-    assert time.monotonic() - started < FAST.attempts * (FAST.timeout_s + 0.5)
+        get(f"{server.url}/app.tar.gz", options)
+    assert server.count("/app.tar.gz") == options.attempts
+    assert time.monotonic() - started < STALL_S / 2
     assert str(caught.value).startswith(f"{server.url}/app.tar.gz: ")
 
 
@@ -350,7 +356,7 @@ def test_downloads_larger_than_the_limit_are_refused_before_reading(
 def test_not_enough_free_space_is_reported_before_the_body(
     server: ArtifactServer, tmp_path: Path
 ) -> None:
-    options = FetchOptions(timeout_s=0.5, attempts=1, min_free_bytes=1 << 60)
+    options = FetchOptions(timeout_s=30, attempts=1, min_free_bytes=1 << 60)
     with pytest.raises(FetchError, match="not enough free space") as caught:
         get(f"{server.url}/app.tar.gz", options, space_dir=tmp_path)
     assert "300000 bytes" in str(caught.value)
@@ -499,7 +505,7 @@ def test_s3_missing_bucket_fails_at_once(s3: str) -> None:
 
 
 def test_s3_free_space_is_checked_against_the_object_size(s3: str, tmp_path: Path) -> None:
-    options = FetchOptions(timeout_s=2, attempts=1, min_free_bytes=1 << 60)
+    options = FetchOptions(timeout_s=30, attempts=1, min_free_bytes=1 << 60)
     with pytest.raises(FetchError, match="not enough free space"):
         get(f"s3://{s3}/app/app_1.0.tar.gz", options, space_dir=tmp_path)
 

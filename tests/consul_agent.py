@@ -43,12 +43,17 @@ def free_port() -> int:
 class ConsulAgent:
     """One dev-mode agent: in-memory state, a single server that elects itself."""
 
-    def __init__(self, binary: str, log_dir: Path, extra_hcl: str = "") -> None:
+    def __init__(
+        self, binary: str, log_dir: Path, extra_hcl: str = "", tls_hcl: str | None = None
+    ) -> None:
         self.binary = binary
         self.log_path = log_dir / "consul-agent.log"
         self.extra_hcl = extra_hcl
+        self.tls_hcl = tls_hcl
+        """With it (the certificate settings), the agent also serves HTTPS."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.http_port = 0
+        self.https_port = -1
 
     @property
     def http_addr(self) -> str:
@@ -63,12 +68,13 @@ class ConsulAgent:
 
     def _start_once(self) -> bool:
         self.http_port = free_port()
+        self.https_port = -1 if self.tls_hcl is None else free_port()
         serf_lan, server = free_port(), free_port()
         hcl = (
-            f"ports {{ http = {self.http_port}, https = -1, dns = -1, grpc = -1, "
+            f"ports {{ http = {self.http_port}, https = {self.https_port}, dns = -1, grpc = -1, "
             f"serf_lan = {serf_lan}, serf_wan = -1, server = {server} }}\n"
             "disable_update_check = true\n"
-            "disable_anonymous_signature = true\n" + self.extra_hcl
+            "disable_anonymous_signature = true\n" + self.extra_hcl + (self.tls_hcl or "")
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

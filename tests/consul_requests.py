@@ -12,11 +12,10 @@ from urllib.parse import parse_qs, urlsplit
 from intent.store.consul import ConsulStore
 
 
-def kind_of(response: Any) -> str:
+def kind_of(method: str, url: str, response: Any) -> str:
     """read, write, wake (a blocking query whose index moved) or idle (one that did not)."""
-    request = response.request
-    query = parse_qs(urlsplit(request.url).query)
-    if request.method != "GET":
+    query = parse_qs(urlsplit(url).query)
+    if method != "GET":
         return "write"
     if "index" in query:
         moved = response.headers.get("X-Consul-Index") != query["index"][0]
@@ -32,12 +31,17 @@ class RequestCounts:
         self._lock = threading.Lock()
 
     def attach(self, kv: ConsulStore, label: Hashable = None) -> None:
-        def on_response(response: Any, *args: Any, **kwargs: Any) -> None:
-            kind = kind_of(response)
+        pool = kv._client.http.pool
+        send = pool.request
+
+        def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            response = send(method, url, *args, **kwargs)
+            kind = kind_of(method, url, response)
             with self._lock:
                 self.counts[(label, kind)] += 1
+            return response
 
-        kv._client.http.session.hooks["response"].append(on_response)
+        pool.request = counted
 
     def snapshot(self) -> dict[tuple[Hashable, str], int]:
         with self._lock:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
+import urllib3
 
 from intent.store import IntentStore, StoreError, StoreUnavailable, open_store
 from intent.store.consul import ConsulStore
@@ -191,7 +191,7 @@ def test_an_unreachable_consul_is_one_line_store_unavailable(consul_addr: str) -
     message = str(caught.value)
     assert "unreachable" in message and "\n" not in message
     # The one line for users; the cause kept for whoever debugs with the traceback.
-    assert isinstance(caught.value.__cause__, requests.exceptions.ConnectionError)
+    assert isinstance(caught.value.__cause__, urllib3.exceptions.NewConnectionError)
     with pytest.raises(StoreUnavailable):
         store.wait(["platypus/nodes/web1/"], (5,), 1)
 

@@ -35,23 +35,23 @@ class PeakBlockingQueries:
     def __init__(self, kv: ConsulStore) -> None:
         self.open = self.peak = 0
         self._lock = threading.Lock()
-        session = kv._client.http.session
-        send = session.send
+        pool = kv._client.http.pool
+        send = pool.request
 
-        def counted(request: Any, **kwargs: Any) -> Any:
-            blocking = "index=" in request.url
+        def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            blocking = "index=" in url
             if blocking:
                 with self._lock:
                     self.open += 1
                     self.peak = max(self.peak, self.open)
             try:
-                return send(request, **kwargs)
+                return send(method, url, *args, **kwargs)
             finally:
                 if blocking:
                     with self._lock:
                         self.open -= 1
 
-        session.send = counted
+        pool.request = counted
 
 
 @pytest.mark.consul

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from kickstart_support import (
     APP,
-    CRASH_LOOP_WAIT_S,
     CLEAN_PATH,
+    CRASH_LOOP_WAIT_S,
     GUARD_DEADLINE_S,
     NODE,
     built,

@@ -46,10 +46,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import consul
-import requests
 import structlog
+import urllib3
 
 from intent.errors import StoreError, StoreUnavailable
+from intent.store import consul_http
 from intent.store.kv import MUST_NOT_EXIST, Entry, KVStore, WatchToken, WokenEntries
 
 log = structlog.get_logger(__name__)
@@ -96,26 +97,17 @@ class ConsulStore(KVStore):
     ) -> None:
         self.address = f"{scheme}://{host}:{port}"
         self._token_source = token_source
-        # requests would look for a .netrc and read the proxy and CA-bundle variables
-        # again on every request (a tenth of a busy agent's CPU): read them once, here.
-        environment = requests.Session().merge_environment_settings(
-            self.address, {}, None, verify, cert
-        )
-        self._client: Any = consul.Consul(
+        self._client: Any = consul_http.Consul(
             host=host,
             port=port,
             scheme=scheme,
             token=token,
-            verify=environment["verify"],
+            verify=verify,
             cert=cert,
-            connections_timeout=timeout,
+            timeout_s=timeout,
+            # Watches never wait for a connection, nor churn them.
+            pool_size=watch_connections + PLAIN_CONNECTIONS,
         )
-        session = self._client.http.session
-        session.trust_env = False
-        session.proxies = environment["proxies"]
-        # Consul gzips larger answers if asked; over loopback or to the node's own
-        # client agent that costs both ends CPU and saves nothing.
-        session.headers["Accept-Encoding"] = "identity"
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; ours decides.
         self._client.token = token
         self._sessions: dict[tuple[str, str], str] = {}
@@ -125,13 +117,6 @@ class ConsulStore(KVStore):
         self.watch_connections = watch_connections
         self._watch_slots = threading.BoundedSemaphore(watch_connections)
         self.shared_wait_s = shared_wait_s
-        # requests keeps 10 connections per host and opens (then drops) one more for
-        # each request past that: size the pool so watches never churn connections.
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=1, pool_maxsize=watch_connections + PLAIN_CONNECTIONS
-        )
-        for scheme_prefix in ("http://", "https://"):
-            session.mount(scheme_prefix, adapter)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -214,19 +199,19 @@ class ConsulStore(KVStore):
                 f"{where}: unauthorized to {action} {key!r} with {self._token_source} "
                 f"({_first_line(exc)}); check CONSUL_HTTP_TOKEN"
             ) from exc
-        except requests.exceptions.SSLError as exc:
+        except urllib3.exceptions.SSLError as exc:
             raise StoreUnavailable(
                 f"{where}: TLS failed to {action} {key!r} ({_reason(exc)}); "
                 "check CONSUL_CACERT and the URL scheme"
             ) from exc
-        except requests.exceptions.Timeout as exc:
-            raise StoreUnavailable(
-                f"{where} did not answer in time to {action} {key!r}; check the agent"
-            ) from exc
-        except requests.exceptions.ConnectionError as exc:
+        except _UNREACHABLE as exc:
             raise StoreUnavailable(
                 f"{where} unreachable ({_reason(exc)}) to {action} {key!r}; "
                 "check that the agent runs and the store URL"
+            ) from exc
+        except urllib3.exceptions.TimeoutError as exc:
+            raise StoreUnavailable(
+                f"{where} did not answer in time to {action} {key!r}; check the agent"
             ) from exc
         except consul.Timeout as exc:
             raise StoreUnavailable(f"{where}: request to {action} {key!r} timed out") from exc
@@ -237,7 +222,7 @@ class ConsulStore(KVStore):
                     f"{where}: server error on {action} {key!r}: {text}"
                 ) from exc
             raise StoreError(f"{where}: cannot {action} {key!r}: {text}") from exc
-        except requests.exceptions.RequestException as exc:
+        except urllib3.exceptions.HTTPError as exc:
             raise StoreError(f"{where}: cannot {action} {key!r}: {_first_line(exc)}") from exc
 
     @staticmethod
@@ -488,8 +473,16 @@ class ConsulStore(KVStore):
 
     def close(self) -> None:
         # Leases outlive the connection, as in every backend: they end on release or TTL.
-        self._client.http.session.close()
+        self._client.http.close()
 
+
+_UNREACHABLE = (
+    # Before the timeouts: urllib3 counts a refused connection as a connect timeout.
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ProxyError,
+    urllib3.exceptions.ProtocolError,
+    OSError,
+)
 
 _Answer = tuple[int, list[Entry]]
 """A prefix's index and its entries as of that index."""
@@ -533,7 +526,7 @@ def _token_from_env() -> tuple[str | None, str]:
 
 
 def _reason(exc: BaseException) -> str:
-    """The root cause inside requests' nested wrappers: 'Connection refused', not a
+    """The root cause inside urllib3's wrappers: 'Connection refused', not a
     paragraph of pool and URL details."""
     text = str(exc)
     if match := re.search(r"\[(?:Errno|SSL: )[^\]]*\] ?([^\"'()]+)", text):

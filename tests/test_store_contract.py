@@ -472,6 +472,26 @@ def test_write_reality_skips_an_unchanged_report_until_the_heartbeat(kv: KVStore
     assert first is not None and later is not None and later.version != first.version
 
 
+def test_write_reality_rewrites_a_repeat_that_was_removed_or_replaced_behind_its_back(
+    kv: KVStore, ns: str
+) -> None:
+    """The store remembers what it wrote, so a changed report is written without a read;
+    a repeat is still checked against the store, where someone else may have acted."""
+    store, other = _intent(kv, ns), _intent(kv, ns)
+    key = "reality/web1/preparer/hello"
+    base = Reality(node="web1", agent="preparer", app="hello", status="converged", updated_at=1000)
+    store.write_reality(base)
+
+    other.clear_reality("web1", "preparer", "hello")
+    store.write_reality(base.model_copy(update={"updated_at": 1001.0}))
+    assert store.get_raw(key) is not None
+
+    other.write_reality(base.model_copy(update={"status": "error", "error": "restored"}))
+    store.write_reality(base.model_copy(update={"updated_at": 1002.0}))
+    [now] = store.reality(node="web1")
+    assert (now.status, now.error, now.updated_at) == ("converged", None, 1002.0)
+
+
 # -- the embedded store shared between processes ----------------------------------------------
 
 

@@ -80,6 +80,8 @@ class IntentStore(ClosedByWith):
         """What ``watch_node`` saw last: a node's passes read from it (see node_watch)."""
         self._clusters_run: dict[str, tuple[str, ...]] = {}
         """The cluster prefixes each watched node runs, as its watch last read them."""
+        self._reported: dict[str, Reality] = {}
+        """The last report written (or found) under each reality key this store wrote."""
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -268,23 +270,37 @@ class IntentStore(ClosedByWith):
 
         A report that repeats the last one is written only as a heartbeat every
         ``REALITY_HEARTBEAT_S``, so idle agents do not churn the store, yet
-        ``pp status`` can still tell a live agent from a dead one."""
-        key = keys.reality(report.node, report.agent, report.app)
-        previous = self.kv.get(self._k(key))
-        if previous is not None:
-            try:
-                old = Reality.model_validate_json(previous.value)
-            except ValueError:
-                old = None
-            if old is not None and old.status == report.status:
-                report = report.model_copy(update={"since": old.since})
-                fresh = report.updated_at - old.updated_at < REALITY_HEARTBEAT_S
-                if fresh and _same_apart_from_time(old, report):
-                    return
-        self.kv.put(self._k(key), report.model_dump_json().encode())
+        ``pp status`` can still tell a live agent from a dead one. A report that
+        differs from the one this store last wrote there is written without reading
+        the key first (one request per report, not two, when a fleet's agents all
+        report a new version); a repeat is checked against what the store holds, so
+        a report removed or replaced behind our back is written again."""
+        key = self._k(keys.reality(report.node, report.agent, report.app))
+        known = self._reported.get(key)
+        if known is None or _same_apart_from_time(known, _carry_since(known, report)):
+            known = self._stored_reality(key)
+        if known is not None:
+            report = _carry_since(known, report)
+            fresh = report.updated_at - known.updated_at < REALITY_HEARTBEAT_S
+            if fresh and _same_apart_from_time(known, report):
+                self._reported[key] = known
+                return
+        self.kv.put(key, report.model_dump_json().encode())
+        self._reported[key] = report
+
+    def _stored_reality(self, key: str) -> Reality | None:
+        previous = self.kv.get(key)
+        if previous is None:
+            return None
+        try:
+            return Reality.model_validate_json(previous.value)
+        except ValueError:
+            return None
 
     def clear_reality(self, node: str, agent: str, app: str) -> None:
-        self.kv.delete(self._k(keys.reality(node, agent, app)))
+        key = self._k(keys.reality(node, agent, app))
+        self._reported.pop(key, None)
+        self.kv.delete(key)
 
     def reality_of(self, node: str, agent: str) -> dict[str, Reality]:
         """One agent's reports on one node, by app; reports that do not parse are skipped."""
@@ -411,6 +427,11 @@ def _retry_token(raw: bytes) -> str | None:
         return None
     token = request.get("token") if isinstance(request, dict) else None
     return token if isinstance(token, str) else None
+
+
+def _carry_since(old: Reality, new: Reality) -> Reality:
+    """``new`` with ``old``'s ``since`` when the status has not changed."""
+    return new.model_copy(update={"since": old.since}) if old.status == new.status else new
 
 
 def _same_apart_from_time(old: Reality, new: Reality) -> bool:

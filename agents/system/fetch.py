@@ -51,8 +51,8 @@ CHUNK = 1 << 20
 USER_AGENT = "platypus-preparer"
 SCHEMES = ("file", "http", "https", "s3")
 POLL_S = 0.5
-"""How often a running fetch looks at its stop event: a stop is noticed within this
-long, even while a read waits for bytes that never come."""
+"""How often the watcher looks at the running fetches' stop events: a stop is noticed
+within this long, even while a read waits for bytes that never come."""
 
 log = structlog.get_logger()
 

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ def _seal(workdir: Path, marker: InstallMarker, owner: tuple[int, int] | None) -
         fs.write_in(fd, MARKER_NAME, marker.to_bytes())
         # The marker claims completeness: the data must be on disk before the tree can
         # appear under its final name (delayed allocation could leave empty files).
-        sync_filesystem(workdir)
+        make_durable(fd)
         os.fchmod(fd, 0o755)
         if owner is not None:
             os.fchown(fd, *owner)
@@ -300,19 +301,52 @@ def remove_tree(path: Path) -> None:
         pass
 
 
-def sync_filesystem(path: Path) -> None:
-    """Flush the file system holding ``path`` before the marker claims completeness.
+FSYNC_EACH_UP_TO = 64
+"""Trees with at most this many entries are flushed entry by entry, larger ones with
+one ``syncfs``."""
 
-    Without it a power cut after the rename could leave a marked install whose
-    files are empty (delayed allocation). ``syncfs`` flushes one file system in
-    one call, far cheaper than an fsync per file.
+
+def make_durable(dir_fd: int) -> None:
+    """Flush the tree open as ``dir_fd`` before the marker claims completeness.
+
+    Without it a power cut after the rename could leave a marked install whose files
+    are empty (delayed allocation). ``syncfs`` flushes the whole file system in one
+    call, far cheaper than an fsync per file for a large tree, but it also waits for
+    every other process's unwritten data: on a host whose apps write, a small
+    install would pay for all of it (0.9 ms on a quiet disk, 9 ms here while other
+    writers ran, bench/reaction_bench.py). A small tree is flushed entry by entry
+    instead, which costs what its own data costs.
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _syncfs is None or _syncfs(fd) != 0:
+    entries = _small_tree(dir_fd)
+    if entries is None:
+        if _syncfs is None or _syncfs(dir_fd) != 0:
             os.sync()
-    finally:
-        os.close(fd)
+        return
+    for name in entries:
+        # The tree is still private (root's, 0700): no name in it can change under us;
+        # O_NOFOLLOW all the same, a symlink is flushed with its directory.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.fsync(dir_fd)
+
+
+def _small_tree(dir_fd: int) -> list[str] | None:
+    """The relative paths of the regular files and directories under ``dir_fd``, or
+    None once there are more than ``FSYNC_EACH_UP_TO`` entries."""
+    found: list[str] = []
+    for top, dirs, files, _ in os.fwalk(".", dir_fd=dir_fd):
+        for name in [*dirs, *files]:
+            path = os.path.join(top, name)
+            if len(found) >= FSYNC_EACH_UP_TO:
+                return None
+            mode = os.lstat(path, dir_fd=dir_fd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                found.append(path)
+    return found
 
 
 def fsync_directory(path: Path) -> None:

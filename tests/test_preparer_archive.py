@@ -239,13 +239,16 @@ def test_every_entry_is_made_the_owners_and_the_directory_itself_stays_ours(
     assert (dest / "bin" / "again").stat().st_ino == (dest / "bin" / "run").stat().st_ino
 
 
+@pytest.mark.parametrize("inline", [0, 1 << 20], ids=["threaded", "inline"])
 @pytest.mark.parametrize("chunk", [1000, 4093])
 def test_headers_and_data_split_across_decompressed_chunks_are_read_whole(
-    sandbox: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+    sandbox: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, inline: int
 ) -> None:
     """tarfile reads each header in one call; chunks not a multiple of 512 bytes split
-    headers and data at every boundary, and the reader must join them."""
+    headers and data at every boundary, and the reader must join them, whether the
+    chunks come from the reading thread or from the decompressing one."""
     monkeypatch.setattr(archive, "CHUNK", chunk)
+    monkeypatch.setattr(archive, "INLINE_BYTES", inline)
     files = {
         f"d{i % 3}/f{i}": os.urandom(size) for i, size in enumerate([0, 1, 511, 512, 513, 9999])
     }
@@ -255,6 +258,33 @@ def test_headers_and_data_split_across_decompressed_chunks_are_read_whole(
     assert extracted.bytes == sum(len(data) for data in files.values())
     for name, data in files.items():
         assert (sandbox / "dest" / name).read_bytes() == data
+
+
+def test_a_small_archive_is_decompressed_without_a_thread_and_a_large_one_with_one(
+    sandbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    thread = archive.threading.Thread
+
+    def recording(*args: object, **kwargs: object) -> object:
+        started.append(str(kwargs.get("name")))
+        return thread(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archive.threading, "Thread", recording)
+    small = sandbox / "small.tar.gz"
+    tree_tarball(small, {"bin/run": b"#!/bin/sh\n"})
+    extract(small, sandbox / "dest", LIMITS)
+    assert started == []
+
+    monkeypatch.setattr(archive, "CHUNK", 4096)
+    monkeypatch.setattr(archive, "INLINE_BYTES", 8192)
+    large = sandbox / "large.tar.gz"
+    tree_tarball(large, {f"f{n}": os.urandom(4096) for n in range(8)})
+    (sandbox / "dest2").mkdir()
+    extract(large, sandbox / "dest2", LIMITS)
+    assert started == ["decompress"]
+    for n in range(8):
+        assert (sandbox / "dest2" / f"f{n}").stat().st_size == 4096
 
 
 def test_directories_revisited_out_of_order_are_extracted_without_leaking_descriptors(

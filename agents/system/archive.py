@@ -654,23 +654,45 @@ def _decompressed_chunks(raw: BinaryIO, limit: int) -> Iterator[bytes]:
             decompressor, pending = _Decompressor(kind), rest
 
 
+INLINE_BYTES = CHUNK
+"""Decompressed by the reading thread itself before a background thread takes over: a
+small archive is read by then, and a thread would cost it more than it saves."""
+
+
 class _ChunkReader:
     """A file-like ``read`` over chunks produced in a background thread.
 
     Decompression (zlib releases the GIL) then overlaps with writing files, as
-    ``tar -xz`` overlaps gzip and tar; the queue bounds memory to a few chunks.
+    ``tar -xz`` overlaps gzip and tar; the queue bounds memory to a few chunks. The
+    first ``INLINE_BYTES`` are made in the reading thread: an artifact of a few
+    hundred kilobytes (most of what a fleet deploys) is done before any thread starts.
     """
 
     def __init__(self, chunks: Iterator[bytes], depth: int = 4) -> None:
+        self._chunks = chunks
+        self._inline = INLINE_BYTES
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
         self._buffer = memoryview(b"")
         self._position = 0
         self._done = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce, args=(chunks,), name="decompress", daemon=True
-        )
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def _next(self) -> bytes | BaseException | None:
+        """The next chunk, None at the end, or the producer's error."""
+        if self._thread is None and self._inline > 0:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                return exc
+            self._inline -= len(chunk or b"")
+            return chunk
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._produce, args=(self._chunks,), name="decompress", daemon=True
+            )
+            self._thread.start()
+        return self._queue.get()
 
     def _produce(self, chunks: Iterator[bytes]) -> None:
         try:
@@ -730,7 +752,7 @@ class _ChunkReader:
     def _fill(self) -> bool:
         """Whether there are bytes to take (False at the end of the stream)."""
         while not self._buffer and not self._done:
-            item = self._queue.get()
+            item = self._next()
             if item is None:
                 self._done = True
             elif isinstance(item, BaseException):
@@ -742,7 +764,8 @@ class _ChunkReader:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 @contextlib.contextmanager

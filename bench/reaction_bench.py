@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -126,13 +127,15 @@ def main() -> None:
             store.kv.put(config_key, config("0", make_artifact(repo, work, "0")))
             preparer = subprocess.Popen(
                 [
-                    str(REPO / ".venv" / "bin" / "pp-preparer"),
+                    # This checkout's code, whichever checkout the venv was installed from.
+                    sys.executable, "-m", "agents.preparer",
                     "--store", f"consul://{consul.http_addr}", "--node", NODE,
                     "--repo", url, "--state-dir", str(work / "state"),
                     "--log-format", "json", "--resync-interval", "3600",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(work / "preparer.log", "wb"),  # noqa: SIM115
+                env={**os.environ, "PYTHONPATH": str(REPO)},
             )  # fmt: skip
             installs = basedir / "installs"
             deadline = time.monotonic() + 60

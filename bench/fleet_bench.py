@@ -110,9 +110,20 @@ class SimAgent(Agent):
         return Outcome.converged(version)
 
 
-def worker(address: str, nodes: list[str], agents: int, events: Any, commands: Connection) -> None:
+def worker(
+    address: str,
+    nodes: list[str],
+    agents: int,
+    events: Any,
+    commands: Connection,
+    switch_interval_s: float,
+) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     threading.stack_size(1 << 20)  # thousands of threads; none recurses deeply
+    # Hundreds of agents share this interpreter's lock, where a real agent has its own
+    # process; at the default 5 ms, woken threads take the lock from each other long
+    # before any finishes its few milliseconds of work.
+    sys.setswitchinterval(switch_interval_s)
     host, port = address.rsplit(":", 1)
     counter = RequestCounts()
     runtimes = []
@@ -272,6 +283,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle period measured")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=sys.getswitchinterval(),
+        help="the workers' GIL switch interval (s)",
+    )
     args = parser.parse_args()
 
     binary = find_consul()
@@ -296,7 +313,14 @@ def main() -> None:
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=worker,
-                args=(consul.http_addr, names[p :: args.processes], args.agents, events, theirs),
+                args=(
+                    consul.http_addr,
+                    names[p :: args.processes],
+                    args.agents,
+                    events,
+                    theirs,
+                    args.switch_interval,
+                ),
                 daemon=True,
             )
             proc.start()

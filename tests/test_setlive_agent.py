@@ -335,6 +335,33 @@ def test_upgrade_switches_current_and_restarts_with_a_short_gap(host: Host) -> N
     assert host.report("upgrade").details["previous"] == "1"
 
 
+def test_a_service_runsv_starts_on_its_own_during_the_switch_is_started_again(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between setlive's look (the service down) and its start, runsv may start the old
+    version's process itself (it starts a crashed service again within a second): that
+    process may run the old ``current``, so the gate must not wait for it to be new."""
+    port = free_port()
+    host.install("selfstart", "1")
+    host.install("selfstart", "2")
+    host.intent("selfstart", port, "1")
+    assert host.converge()
+    runit.down(host.service("selfstart"))
+    assert wait_for(lambda: host.status("selfstart").state == "down", 5)
+
+    def runsv_starts_it(point: str) -> None:
+        if point == "after-set-current":
+            runit.up(host.service("selfstart"))
+            assert wait_for(lambda: host.status("selfstart").up, 5)
+            time.sleep(0.01)  # a start strictly before the one setlive asks for
+
+    monkeypatch.setattr("agents.setlive.apply.failpoint", runsv_starts_it)
+    host.intent("selfstart", port, "2")
+    assert host.converge(), host.report("selfstart").error
+    assert host.report("selfstart").version == "2"
+    assert wait_for(lambda: get(port) == (200, "selfstart 2"), 5)
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 

@@ -260,8 +260,15 @@ def _step(
                 )
                 return True
         case StartService(name=name):
-            fresh.setdefault(name, time.time())
+            since = fresh.setdefault(name, time.time())
             runit.up(stage / name)
+            status = runit.status(stage / name)
+            if status.up and (status.started_at or 0.0) < since:
+                # runsv started it on its own since the plan looked (it starts a crashed
+                # service again within a second), maybe from the old ``current``: the
+                # gate waits for a process newer than the switch, so start one.
+                fresh[name] = time.time()
+                runit.restart(stage / name)
         case RestartService(name=name):
             fresh[name] = time.time()
             runit.restart(stage / name)

@@ -849,11 +849,13 @@ def test_a_watch_cut_short_by_the_stop_is_no_outage_and_no_crash(
     put_app(store, "hello")
     agent = RecordingAgent()
     rt = Runtime(agent, store, RuntimeOptions(node=NODE, resync_interval_s=3600), stop=stop)
+    earlier = set(threading.enumerate())  # earlier tests' watches end on their own time
     with capture_logs() as logs:
         with looping(rt):
             assert eventually(lambda: waiting.is_set() and agent.converged)
-        for watch in [t for t in threading.enumerate() if t.name == "intent-watch"]:
-            watch.join(10)
+            (watch,) = [t for t in set(threading.enumerate()) - earlier if t.name == "intent-watch"]
+        watch.join(10)
+        assert not watch.is_alive()
     events = [e["event"] for e in logs]
     assert "agent.stopped" in events
     assert "store.unreachable" not in events and "watch.crashed" not in events, events

@@ -153,3 +153,13 @@ def kill_lease_holder(backend: str, request: pytest.FixtureRequest) -> Callable[
         client.session.destroy(item["Session"])
 
     return end_session
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist's ``--dist loadgroup`` (scripts/test), a module's tests stay on one
+    worker, so its module fixtures (a runsvdir, a moto server) start once; the Docker
+    modules share a worker, so one engine per run builds their images."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        group = "docker" if Path(module).name.startswith("test_docker") else module
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -203,7 +203,6 @@ def install(
         elif isinstance(extracted, Exception):
             raise extracted
         assert isinstance(extracted, archive.Extracted)
-        download.unlink()
         marker = InstallMarker.of_artifact(
             layout.app, action.version, action.sha256, workdir, time.time()
         )
@@ -246,7 +245,9 @@ def _seal(workdir: Path, marker: InstallMarker, owner: tuple[int, int] | None) -
     and hand it over: the marker written as ours, everything flushed, and last the
     directory itself opened to ``owner``."""
     with fs.open_dir(workdir) as fd:
-        fs.write_in(fd, MARKER_NAME, marker.to_bytes())
+        # Written straight in: the workdir is the temp name, renamed whole once flushed
+        # (archives cannot hold the marker's name: it is reserved at extraction).
+        fs.create_in(fd, MARKER_NAME, marker.to_bytes())
         # The marker claims completeness: the data must be on disk before the tree can
         # appear under its final name (delayed allocation could leave empty files).
         make_durable(fd)
@@ -336,18 +337,25 @@ def make_durable(dir_fd: int) -> None:
 
 
 def _small_tree(dir_fd: int) -> list[str] | None:
-    """The relative paths of the regular files and directories under ``dir_fd``, or
-    None once there are more than ``FSYNC_EACH_UP_TO`` entries."""
-    found: list[str] = []
-    for top, dirs, files, _ in os.fwalk(".", dir_fd=dir_fd):
-        for name in [*dirs, *files]:
+    """The relative paths of the regular files, then of the directories, under
+    ``dir_fd``, or None once there are more than ``FSYNC_EACH_UP_TO`` entries.
+
+    Files first: each file's fsync commits the journal with its blocks, and the new
+    directory entries made so far go in that commit, so the directories' fsyncs that
+    follow mostly find nothing left to commit."""
+    files: list[str] = []
+    dirs: list[str] = []
+    for top, subdirs, names, _ in os.fwalk(".", dir_fd=dir_fd):
+        for name in [*subdirs, *names]:
             path = os.path.join(top, name)
-            if len(found) >= FSYNC_EACH_UP_TO:
+            if len(files) + len(dirs) >= FSYNC_EACH_UP_TO:
                 return None
             mode = os.lstat(path, dir_fd=dir_fd).st_mode
-            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                found.append(path)
-    return found
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif stat.S_ISDIR(mode):
+                dirs.append(path)
+    return files + dirs
 
 
 def fsync_directory(path: Path) -> None:

@@ -142,20 +142,38 @@ def write_in(
         return False
     tmp = _temp(name)
     try:
-        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(fd, mode)  # the umask may have narrowed it
-            if gid is not None:  # before the rename: the file is never seen with another group
-                os.fchown(fd, -1, gid)
-            os.fsync(fd)
+        create_in(dir_fd, tmp, data, mode, gid, flush=True)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     return True
+
+
+def create_in(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    mode: int = 0o644,
+    gid: int | None = None,
+    flush: bool = False,
+) -> None:
+    """Create the new file ``name`` holding ``data`` in the directory open as ``dir_fd``:
+    exclusively and never through a link, its mode and group set on the descriptor.
+
+    On its own (without the rename ``write_in`` adds) only for a directory no reader can
+    see yet, which is itself renamed into place whole once the caller has flushed it.
+    """
+    fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fchmod(fd, mode)  # the umask may have narrowed it
+        if gid is not None:  # before the rename: the file is never seen with another group
+            os.fchown(fd, -1, gid)
+        if flush:
+            os.fsync(fd)
 
 
 def _holds(dir_fd: int, name: str, data: bytes, mode: int, gid: int | None) -> bool:

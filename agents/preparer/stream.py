@@ -11,6 +11,9 @@ built for hostile archives either way (``agents/system/archive.py``).
 
 The download never waits for the extraction (a server would not wait for a slow disk),
 and memory does not grow with the artifact: the bytes between the two are in the file.
+A download no larger than ``INLINE_BYTES`` is extracted once it ends, from the finished
+file, in the caller's thread: for most artifacts a second thread (its start, and the
+handing of each read back and forth) costs more than the overlap saves.
 When the download starts again from its first byte (a server that cannot resume), the
 extraction begun on the first attempt is void: ``Restarted`` tells the caller to
 extract from the finished file instead. When the extraction fails or ends first, the
@@ -23,16 +26,20 @@ writing, and may rewind.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 _T = TypeVar("_T")
 
 READ_SIZE = 1 << 20
+
+INLINE_BYTES = 1 << 20
+"""Downloads up to this size are extracted after they end, without a thread."""
 
 
 class Restarted(Exception):
@@ -64,6 +71,11 @@ class _Follower:
         with self._changed:
             self._restarted = True
             self._changed.notify_all()
+
+    def rewound(self, size: int) -> None:
+        """The file was cut to ``size`` before anything read it."""
+        with self._changed:
+            self._written = size
 
     def end(self) -> None:
         with self._changed:
@@ -98,53 +110,95 @@ class _Follower:
             return self._written - self._position
 
 
+class _Behind:
+    """The extraction in a thread of its own, reading behind the download; started only
+    once the download is larger than ``INLINE_BYTES``."""
+
+    def __init__(self, follower: _Follower, extract: Callable[[BinaryIO], object]) -> None:
+        self._follower = follower
+        self._extract = extract
+        self._thread: threading.Thread | None = None
+        self.outcome: object = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start_past(self, written: int) -> None:
+        if self._thread is None and written > INLINE_BYTES:
+            # In this converge's context, so what the extraction logs names the app too.
+            run = functools.partial(contextvars.copy_context().run, self._run)
+            self._thread = threading.Thread(target=run, name="extract", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        self.outcome = _outcome(self._extract, self._follower)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _outcome(extract: Callable[[BinaryIO], object], source: object) -> object:
+    """What ``extract`` returned or raised, for the caller to weigh once the digest is known."""
+    try:
+        return extract(source)  # type: ignore[arg-type]
+    except Exception as exc:
+        return exc
+
+
 class _Sink:
     """What the fetch writes: the download file, each write flushed and announced to the
     follower. A fetch that starts again rewinds its sink (``seek(0)``, ``truncate()``)."""
 
-    def __init__(self, file: BinaryIO, follower: _Follower) -> None:
+    def __init__(self, file: BinaryIO, follower: _Follower, behind: _Behind) -> None:
         self._file = file
         self._follower = follower
+        self._behind = behind
+        self._size = 0
 
     def write(self, data: bytes) -> int:
         written = self._file.write(data)
         self._file.flush()
         self._follower.wrote(written)
+        self._size += written
+        self._behind.start_past(self._size)
         return written
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._file.seek(offset, whence)
 
     def truncate(self, size: int | None = None) -> int:
-        self._follower.restart()
-        return self._file.truncate(size)
+        if self._behind.started:
+            self._follower.restart()
+        else:  # nothing read yet: the follower just counts from the new end
+            self._follower.rewound(self._file.tell() if size is None else size)
+        self._size = self._file.truncate(size)
+        return self._size
 
 
 def fetch_extracting(
     download: Path,
     fetch: Callable[[BinaryIO], _T],
-    extract: Callable[[BinaryIO], object],
+    extract: Callable[[BinaryIO | Path], object],
 ) -> tuple[_T, object]:
-    """Run ``fetch(sink)`` in a thread, writing the new file ``download``, while
-    ``extract(stream)`` reads it here. Returns the fetch's result (its error is raised)
-    and what the extraction returned or raised (an exception object, ``Restarted``
-    included), for the caller to weigh once the digest is known."""
+    """Run ``fetch(sink)`` here, writing the new file ``download``, and ``extract`` on
+    what it writes: in a thread reading behind it once it is larger than
+    ``INLINE_BYTES``, else from the finished file. Returns the fetch's result (its error
+    is raised, once a started extraction has ended) and what the extraction returned or
+    raised (an exception object, ``Restarted`` included), for the caller to weigh once
+    the digest is known."""
     with download.open("xb") as file:
         follower = _Follower(download)
-
-        def downloading() -> _T:
+        behind = _Behind(follower, extract)
+        try:
             try:
-                return fetch(_Sink(file, follower))  # type: ignore[arg-type]
+                fetched = fetch(_Sink(file, follower, behind))  # type: ignore[arg-type]
             finally:
                 follower.end()
-
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="download") as pool:
-                fetched = pool.submit(downloading)
-                try:
-                    extracted: object = extract(follower)  # type: ignore[arg-type]
-                except Exception as exc:  # weighed by the caller once the digest is known
-                    extracted = exc
-                return fetched.result(), extracted
+                behind.join()
         finally:
             follower.close()
+    if behind.started:
+        return fetched, behind.outcome
+    return fetched, _outcome(extract, download)

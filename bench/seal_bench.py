@@ -34,8 +34,9 @@ from agents.preparer import apply  # noqa: E402
 from agents.system.layout import InstallMarker  # noqa: E402
 
 
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("apply_compared", path)
+def load(path: Path, name: str = "apply_compared") -> ModuleType:
+    """The module in the file ``path``, under ``name`` (beside the one imported)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there

@@ -2,7 +2,9 @@
 
 Every file an agent writes goes through ``write_atomic``/``write_in``: a reader
 (another agent, runit, an operator) sees the old content or the new, never a
-half-written file, and a crash leaves at worst a temp file behind.
+half-written file, and a crash leaves at worst a temp file behind. (Inside a
+directory that is itself a temp name, renamed into place whole, ``create_in`` writes
+straight in.)
 
 Root also writes and reads inside directories a less trusted user can change: an
 install is handed to the app's ``run_as`` user, and svlogd writes the app's log as

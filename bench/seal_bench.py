@@ -16,11 +16,9 @@ load weighs on both alike. Medians of wall time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pwd
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,20 +26,12 @@ from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from compare import report, turns, versions  # noqa: E402
 
 from agents.preparer import apply  # noqa: E402
 from agents.system.layout import InstallMarker  # noqa: E402
-
-
-def load(path: Path, name: str = "apply_compared") -> ModuleType:
-    """The module in the file ``path``, under ``name`` (beside the one imported)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def tree(root: Path, n: int, owner: tuple[int, int]) -> Path:
@@ -68,28 +58,15 @@ def main() -> None:
     args = parser.parse_args()
     nobody = pwd.getpwnam("nobody")
     owner = (nobody.pw_uid, nobody.pw_gid)
-    versions = {"this checkout": apply}
-    if args.compare:
-        versions[str(args.compare)] = load(args.compare)
-    times: dict[str, list[float]] = {name: [] for name in versions}
+    modules = versions(apply, args.compare, "apply_compared")
+    times: dict[str, list[float]] = {name: [] for name in modules}
     root = Path(tempfile.mkdtemp(prefix="pp-seal-bench-"))
     try:
-        n = 0
-        for round_ in range(args.rounds):
-            order = list(versions.items())
-            if round_ % 2:
-                order.reverse()
-            for name, module in order:
-                times[name].append(seal(module, tree(root, n, owner), owner))
-                n += 1
+        for n, (name, module) in enumerate(turns(modules, args.rounds)):
+            times[name].append(seal(module, tree(root, n, owner), owner))
     finally:
         shutil.rmtree(root)
-    for name, found in times.items():
-        found.sort()
-        print(
-            f"{name:40s} median {statistics.median(found) * 1000:5.2f} ms   "
-            f"p90 {found[int(len(found) * 0.9)] * 1000:5.2f} ms"
-        )
+    report(times)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import pwd
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
+from compare import report, turns, versions  # noqa: E402
 from preparer_bench import serve  # noqa: E402
 from reaction_bench import make_artifact  # noqa: E402
-from seal_bench import load  # noqa: E402
 
 from agents.preparer import stream  # noqa: E402
 from agents.system import archive  # noqa: E402
@@ -44,44 +42,31 @@ def main() -> None:
     args = parser.parse_args()
     nobody = pwd.getpwnam("nobody")
     owner = (nobody.pw_uid, nobody.pw_gid)
-    versions: dict[str, ModuleType] = {"this checkout": stream}
-    if args.compare:
-        versions[str(args.compare)] = load(args.compare, "stream_compared")
-    times: dict[str, list[float]] = {name: [] for name in versions}
+    modules = versions(stream, args.compare, "stream_compared")
+    times: dict[str, list[float]] = {name: [] for name in modules}
     options, limits = FetchOptions(), archive.Limits(1 << 30, 100_000)
     work = Path(tempfile.mkdtemp(prefix="pp-stream-bench-"))
     server, url = serve(work)
     try:
         make_artifact(work, work, "1")
         source = f"{url}/tiny/tiny_1.tar.gz"
-        n = 0
-        for round_ in range(args.rounds):
-            order = list(versions.items())
-            if round_ % 2:
-                order.reverse()
-            for name, module in order:
-                into = work / f"x{n}"
-                into.mkdir(mode=0o700)
-                started = time.perf_counter()
-                module.fetch_extracting(
-                    work / f"d{n}",
-                    lambda sink: fetch(source, sink, options, space_dir=work),
-                    lambda src, into=into: archive.extract(
-                        src, into, limits, reserved={MARKER_NAME}, owner=owner
-                    ),
-                )
-                times[name].append(time.perf_counter() - started)
-                n += 1
+        for n, (name, module) in enumerate(turns(modules, args.rounds)):
+            into = work / f"x{n}"
+            into.mkdir(mode=0o700)
+            started = time.perf_counter()
+            module.fetch_extracting(
+                work / f"d{n}",
+                lambda sink: fetch(source, sink, options, space_dir=work),
+                lambda src, into=into: archive.extract(
+                    src, into, limits, reserved={MARKER_NAME}, owner=owner
+                ),
+            )
+            times[name].append(time.perf_counter() - started)
     finally:
         server.kill()
         server.wait()
         shutil.rmtree(work)
-    for name, found in times.items():
-        found.sort()
-        print(
-            f"{name:40s} median {statistics.median(found) * 1000:5.2f} ms   "
-            f"p90 {found[int(len(found) * 0.9)] * 1000:5.2f} ms"
-        )
+    report(times)
 
 
 if __name__ == "__main__":

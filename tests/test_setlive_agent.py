@@ -571,6 +571,37 @@ def test_kill_9_at_each_step_of_a_switch_then_a_clean_finish(host: Host) -> None
         assert host.agent.state.load("crashsafe").pending is None
 
 
+def test_a_restarted_setlive_removes_the_temp_entries_a_kill_left(host: Host) -> None:
+    """kill -9 between making a temp name and renaming it leaves the temp behind: in the
+    basedir (``current``, ``previous``), in a service's directory, in the state dir."""
+    port = free_port()
+    host.install("tidy", "1")
+    host.intent("tidy", port, "1")
+    assert host.converge()
+    basedir, service = host.basedir("tidy"), host.service("tidy")
+    left = [
+        basedir / ".pp-tmp-current.0badc0de",
+        basedir / ".pp-tmp-previous.0badc0de",
+        service / ".pp-tmp-run.0badc0de",
+        service / "log" / ".pp-tmp-run.0badc0de",
+        host.paths.state_dir / ".pp-tmp-tidy.json.0badc0de",
+    ]
+    for path in left[:2]:
+        path.symlink_to("installs/tidy_1")
+    for path in left[2:]:
+        path.write_text("half")
+    kept = [basedir / ".pp-tmp-other.0badc0de", basedir / "notes.txt"]
+    for path in kept:
+        path.write_text("not setlive's")
+
+    restarted = SetliveAgent(host.store, NODE, host.paths, supervise_timeout_s=8.0)
+    restarted.start()
+    assert Runtime(restarted, host.store, RuntimeOptions(node=NODE, once=True)).run_pass()
+    assert [p for p in left if os.path.lexists(p)] == []
+    assert all(p.exists() for p in kept)
+    assert get(port) == (200, "tidy 1") and host.current("tidy") == "1"
+
+
 def test_kill_9_during_a_failing_gate_still_rolls_back(host: Host) -> None:
     port = free_port()
     host.install("crashfail", "1")

@@ -71,19 +71,24 @@ class SetliveAgent(Agent):
         self.guard_deadline_s = guard_deadline_s
         self.drain_wait_s = drain_wait_s
         self._trackers: dict[str, health.HealthTracker] = {}
+        self._swept: set[str] = set()
+        """Apps whose basedir this process has cleared of a crash's temp links."""
 
     # -- runtime hooks ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Remove what a crash left half-made (temp links and temp service directories)."""
-        for directory in (self.paths.runit_dir, self.paths.stage):
-            with contextlib.suppress(FileNotFoundError):
-                for entry in directory.iterdir():
-                    if fs.is_temp(entry):
-                        if entry.is_dir() and not entry.is_symlink():
-                            runit.remove_service_dir(entry)
-                        else:
-                            entry.unlink()
+        """Remove what a crash left half-made (temp links, temp service directories, temp
+        files in the service directories and the state directory). Nothing else in this
+        process runs yet, and the setlive before it is gone."""
+        staged = [d for d in _subdirs(self.paths.stage) if not fs.is_temp(d)]
+        inside = [sub for d in staged for sub in (d, *_subdirs(d)) if sub.name != "supervise"]
+        for directory in (self.paths.runit_dir, self.paths.stage, self.paths.state_dir, *inside):
+            for entry in fs.temps_in(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir() and not entry.is_symlink():
+                        runit.remove_service_dir(entry)
+                    else:
+                        entry.unlink()
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         apps = set(staged_services(self.paths.stage).values()) | set(self.state.apps())
@@ -105,6 +110,13 @@ class SetliveAgent(Agent):
         if problem:
             return Outcome.failed(problem)
         ctx = self._context(intent)
+        if intent.app not in self._swept:
+            # ``current`` and ``previous`` are renamed over from temp links: a setlive killed
+            # between the two steps leaves one (this app's converges never overlap).
+            for leftover in fs.temps_in(ctx.layout.basedir, ("current", "previous")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            self._swept.add(intent.app)
         bounds = self._drain_bounds(intent.deploy)
         for _ in range(MAX_ROUNDS):
             notes = self.state.load(intent.app)
@@ -294,3 +306,10 @@ def _runit_detail(status: runit.ServiceStatus) -> dict[str, Any]:
         "up_since": round(status.started_at, 1) if status.started_at else None,
         "want": None if status.want_up is None else ("up" if status.want_up else "down"),
     }
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    try:
+        return [e for e in directory.iterdir() if e.is_dir() and not e.is_symlink()]
+    except FileNotFoundError:
+        return []

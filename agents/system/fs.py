@@ -24,7 +24,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 TEMP_MARK = ".pp-tmp-"
@@ -44,6 +44,17 @@ def _temp(name: str) -> str:
 
 def is_temp(path: Path) -> bool:
     return path.name.startswith(TEMP_MARK)
+
+
+def temps_in(directory: Path, names: Collection[str] | None = None) -> list[Path]:
+    """The entries of ``directory`` (not below it) under a temp name: all of them, or
+    those made for one of ``names`` (``temp_name`` of ``directory / name``)."""
+    marks = None if names is None else tuple(f"{TEMP_MARK}{name}." for name in names)
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [e for e in entries if is_temp(e) and (marks is None or e.name.startswith(marks))]
 
 
 @contextlib.contextmanager

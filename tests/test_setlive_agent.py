@@ -590,7 +590,13 @@ def test_a_restarted_setlive_removes_the_temp_entries_a_kill_left(host: Host) ->
         path.symlink_to("installs/tidy_1")
     for path in left[2:]:
         path.write_text("half")
-    kept = [basedir / ".pp-tmp-other.0badc0de", basedir / "notes.txt"]
+    long_ago = time.time() - 3600
+    os.utime(left[-1], (long_ago, long_ago))
+    kept = [
+        basedir / ".pp-tmp-other.0badc0de",
+        basedir / "notes.txt",
+        host.paths.state_dir / ".pp-tmp-tidy.json.1badc0de",  # a note being written now
+    ]
     for path in kept:
         path.write_text("not setlive's")
 

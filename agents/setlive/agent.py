@@ -41,6 +41,8 @@ restart: the registrar's own --drain-timeout (330 s, above AWS's default
 deregistration delay of 300 s) and a margin for its pass."""
 DRAIN_HOLD_MARGIN_S = 60.0
 REGISTRAR = "elb-registrar"
+STALE_NOTE_S = 60.0
+"""A temp note in the state directory this old is a crash's, not a write in progress."""
 
 
 class SetliveAgent(Agent):
@@ -79,16 +81,22 @@ class SetliveAgent(Agent):
     def start(self) -> None:
         """Remove what a crash left half-made (temp links, temp service directories, temp
         files in the service directories and the state directory). Nothing else in this
-        process runs yet, and the setlive before it is gone."""
+        process runs yet, and the setlive before it is gone; the self-deploy guard, which
+        may outlive it, writes only notes in the state directory, so temps there go only
+        once they are older than any write takes."""
         staged = [d for d in _subdirs(self.paths.stage) if not fs.is_temp(d)]
         inside = [sub for d in staged for sub in (d, *_subdirs(d)) if sub.name != "supervise"]
-        for directory in (self.paths.runit_dir, self.paths.stage, self.paths.state_dir, *inside):
-            for entry in fs.temps_in(directory):
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.is_dir() and not entry.is_symlink():
-                        runit.remove_service_dir(entry)
-                    else:
-                        entry.unlink()
+        leftovers = [
+            entry
+            for directory in (self.paths.runit_dir, self.paths.stage, *inside)
+            for entry in fs.temps_in(directory)
+        ] + [note for note in fs.temps_in(self.paths.state_dir) if _age(note) > STALE_NOTE_S]
+        for entry in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir() and not entry.is_symlink():
+                    runit.remove_service_dir(entry)
+                else:
+                    entry.unlink()
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         apps = set(staged_services(self.paths.stage).values()) | set(self.state.apps())
@@ -313,3 +321,10 @@ def _subdirs(directory: Path) -> list[Path]:
         return [e for e in directory.iterdir() if e.is_dir() and not e.is_symlink()]
     except FileNotFoundError:
         return []
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -451,6 +451,21 @@ def test_an_unreadable_state_file_is_an_error_naming_it(
     assert str(node.state_file("web")) in error and "delete the file" in error
 
 
+def test_a_restarted_registrar_removes_the_temp_files_a_kill_left(
+    node: Node, cloud: Cloud, health: HealthApp
+) -> None:
+    deploy(node, "web", [cloud.classic("web-lb")], health)
+    assert node.converge()
+    record = node.state_file("web")
+    assert record.exists()
+    left = record.with_name(".pp-tmp-web.json.0badc0de")
+    left.write_text('{"app": "web", "load_balancers": []}')
+    node.restart()
+    node.agent.start()
+    assert not left.exists() and record.exists()
+    assert node.converge()
+
+
 # -- credentials ------------------------------------------------------------------------------
 
 

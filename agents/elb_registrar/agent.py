@@ -9,6 +9,7 @@ unassigned, restarts included.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -43,6 +44,7 @@ from agents.elb_registrar.plan import (
 )
 from agents.elb_registrar.state import Registration, StateDir, StateError
 from agents.runtime import Agent, Outcome
+from agents.system import fs
 from agents.system.aws import Aws
 from agents.system.imds import DEFAULT_ENDPOINT, ImdsError, instance_id
 from agents.system.layout import AppLayout
@@ -138,6 +140,13 @@ class ElbRegistrar(Agent):
         self._transitions: dict[str, dict[str, tuple[str, float]]] = {}
 
     # -- the runtime's hooks ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Remove the temp files a kill left in the state directory (nothing in this
+        process writes there yet, and the registrar before it is gone)."""
+        for leftover in fs.temps_in(self.state.path):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
     def report_input(self, report: Reality) -> object:
         """A drain request, and a rollback (the version rolled back to serves here)."""

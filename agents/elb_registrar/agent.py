@@ -9,7 +9,6 @@ unassigned, restarts included.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -144,9 +143,7 @@ class ElbRegistrar(Agent):
     def start(self) -> None:
         """Remove the temp files a kill left in the state directory (nothing in this
         process writes there yet, and the registrar before it is gone)."""
-        for leftover in fs.temps_in(self.state.path):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        fs.remove_temps(self.state.path)
 
     def report_input(self, report: Reality) -> object:
         """A drain request, and a rollback (the version rolled back to serves here)."""

@@ -155,14 +155,12 @@ class _Sink:
         self._file = file
         self._follower = follower
         self._behind = behind
-        self._size = 0
 
     def write(self, data: bytes) -> int:
         written = self._file.write(data)
         self._file.flush()
         self._follower.wrote(written)
-        self._size += written
-        self._behind.start_past(self._size)
+        self._behind.start_past(self._file.tell())
         return written
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -173,8 +171,7 @@ class _Sink:
             self._follower.restart()
         else:  # nothing read yet: the follower just counts from the new end
             self._follower.rewound(self._file.tell() if size is None else size)
-        self._size = self._file.truncate(size)
-        return self._size
+        return self._file.truncate(size)
 
 
 def fetch_extracting(

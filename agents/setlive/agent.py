@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import pwd
 import threading
 import time
@@ -86,17 +85,9 @@ class SetliveAgent(Agent):
         once they are older than any write takes."""
         staged = [d for d in _subdirs(self.paths.stage) if not fs.is_temp(d)]
         inside = [sub for d in staged for sub in (d, *_subdirs(d)) if sub.name != "supervise"]
-        leftovers = [
-            entry
-            for directory in (self.paths.runit_dir, self.paths.stage, *inside)
-            for entry in fs.temps_in(directory)
-        ] + [note for note in fs.temps_in(self.paths.state_dir) if _age(note) > STALE_NOTE_S]
-        for entry in leftovers:
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_dir() and not entry.is_symlink():
-                    runit.remove_service_dir(entry)
-                else:
-                    entry.unlink()
+        for directory in (self.paths.runit_dir, self.paths.stage, *inside):
+            fs.remove_temps(directory)
+        fs.remove_temps(self.paths.state_dir, older_than_s=STALE_NOTE_S)
 
     def unmanaged(self, assigned: Collection[str]) -> list[str]:
         apps = set(staged_services(self.paths.stage).values()) | set(self.state.apps())
@@ -121,9 +112,7 @@ class SetliveAgent(Agent):
         if intent.app not in self._swept:
             # ``current`` and ``previous`` are renamed over from temp links: a setlive killed
             # between the two steps leaves one (this app's converges never overlap).
-            for leftover in fs.temps_in(ctx.layout.basedir, ("current", "previous")):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
+            fs.remove_temps(ctx.layout.basedir, ("current", "previous"))
             self._swept.add(intent.app)
         bounds = self._drain_bounds(intent.deploy)
         for _ in range(MAX_ROUNDS):
@@ -321,10 +310,3 @@ def _subdirs(directory: Path) -> list[Path]:
         return [e for e in directory.iterdir() if e.is_dir() and not e.is_symlink()]
     except FileNotFoundError:
         return []
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.lstat().st_mtime
-    except FileNotFoundError:
-        return 0.0

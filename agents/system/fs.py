@@ -23,7 +23,9 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -46,15 +48,27 @@ def is_temp(path: Path) -> bool:
     return path.name.startswith(TEMP_MARK)
 
 
-def temps_in(directory: Path, names: Collection[str] | None = None) -> list[Path]:
-    """The entries of ``directory`` (not below it) under a temp name: all of them, or
-    those made for one of ``names`` (``temp_name`` of ``directory / name``)."""
-    marks = None if names is None else tuple(f"{TEMP_MARK}{name}." for name in names)
+def remove_temps(
+    directory: Path, names: Collection[str] | None = None, older_than_s: float = 0.0
+) -> None:
+    """Remove what a crash left under temp names in ``directory`` (not below it): every
+    temp entry, or those made for one of ``names`` (``temp_name`` of ``directory / name``),
+    last changed more than ``older_than_s`` ago. A directory goes with its contents; a
+    link is removed, never followed."""
+    marks = (TEMP_MARK,) if names is None else tuple(f"{TEMP_MARK}{n}." for n in names)
     try:
-        entries = list(directory.iterdir())
+        entries = [e for e in directory.iterdir() if e.name.startswith(marks)]
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [e for e in entries if is_temp(e) and (marks is None or e.name.startswith(marks))]
+        return
+    now = time.time()
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if older_than_s and now - entry.lstat().st_mtime <= older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 @contextlib.contextmanager
